@@ -1,0 +1,74 @@
+"""``python -m train [COMMAND] [section.key=value | NAME=value ...]``
+
+Commands:
+  launch   (default) check the config, then start the distributed job with accelerate
+  worker   one rank of the job (what `accelerate launch` runs; not for direct use)
+  config   print the resolved configuration and exit
+  keys     list every config key with its default, env name and meaning
+  plan     per-GPU memory of each strategy for a model (see train/plan.py)
+  bench    the benchmark table (see train/bench.py)
+  env      versions of everything that matters, and `accelerate env`
+  warm     pre-build DeepSpeed's JIT ops for this machine (done by `make` at install time)
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .config import ConfigError
+
+COMMANDS = ("launch", "worker", "config", "keys", "plan", "bench", "env", "warm")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return
+    cmd = argv.pop(0) if argv and argv[0] in COMMANDS else "launch"
+    try:
+        run(cmd, argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def run(cmd: str, argv: list[str]) -> None:
+    if cmd == "keys":
+        from .config import help_text
+
+        print(help_text())
+    elif cmd == "env":
+        from .envinfo import print_env
+
+        print_env()
+    elif cmd == "warm":
+        from .envinfo import warm_ops
+
+        warm_ops()
+    elif cmd == "plan":
+        from .plan import main as plan_main
+
+        plan_main(argv)
+    elif cmd == "bench":
+        from .bench import main as bench_main
+
+        bench_main(argv)
+    else:
+        from .config import dump_yaml, load_config
+
+        cfg = load_config(argv)
+        if cmd == "config":
+            print(dump_yaml(cfg), end="")
+        elif cmd == "worker":
+            from .loop import main as loop_main
+
+            loop_main(cfg)
+        else:
+            from .launch import launch
+
+            launch(cfg, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Turn a strategy row into a running accelerate `Accelerator`, and prove it engaged.
+
+Everything strategy-specific that is not in the accelerate config file lives here: the
+environment each strategy needs on CPU, the DeepSpeed JSON with its "auto" values filled
+from the run config, and the start-up checks that world size, distributed type and
+sharding are what was asked for (accelerate can silently fall back to one process).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from .config import ConfigError, RunConfig
+from .strategies import GRADS, OPTIM, PARAMS, Strategy
+
+# Set by the launcher for the workers: what the run asked for, checked against what engaged.
+ENV_EXPECTED_WORLD = "TRAIN_EXPECTED_WORLD_SIZE"
+ENV_DEVICE = "TRAIN_DEVICE"
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("DEVICE=cuda but no CUDA device is visible; use DEVICE=cpu or auto")
+    return requested
+
+
+def worker_env(strategy: Strategy | None, device: str) -> dict[str, str]:
+    """Environment the workers need for this strategy on this device.
+
+    On CPU accelerate does not engage DeepSpeed or FSDP with 2 processes on its own
+    (see ../shared/MACHINE-NOTES.md, "accelerate on CPU with 2 processes"); these are the
+    checked recipes. On CUDA accelerate's defaults are right and nothing is added.
+    """
+    env = {ENV_DEVICE: device}
+    if device != "cpu" or strategy is None:
+        return env
+    if strategy.family == "ddp":
+        env["ACCELERATE_USE_CPU"] = "1"  # MULTI_CPU over gloo
+    elif strategy.family == "deepspeed":
+        env.update(DS_ACCELERATOR="cpu", ACCELERATE_USE_CPU="0")
+    elif strategy.family == "fsdp":
+        env.update(ACCELERATE_USE_CPU="0", FSDP_SYNC_MODULE_STATES="false")
+    return env
+
+
+def deepspeed_config(strategy: Strategy, cfg: RunConfig, grad_accum: int, world_size: int,
+                     hidden_size: int, device: str) -> dict[str, Any]:
+    """The strategy's DeepSpeed JSON with every "auto" filled from the run config.
+
+    Filling here (not leaving it to accelerate) means one resolved batch/accumulation that
+    is printed and saved, instead of two configs that can disagree (accelerate#1970, #3369).
+    """
+    ds = json.loads(strategy.deepspeed_config.read_text())
+    micro = cfg.train.micro_batch
+    values = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro * grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16.enabled": cfg.train.precision == "bf16",
+        "fp16.enabled": cfg.train.precision == "fp16",
+        # Bucket sizes scale with the model (accelerate's own rule), which keeps ZeRO-3's
+        # buffers small for tiny models instead of ~2 GB per rank with the defaults.
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+        "zero_optimization.offload_param.pin_memory": device == "cuda",
+        "zero_optimization.offload_optimizer.pin_memory": device == "cuda",
+    }
+
+    def fill(node: dict, prefix: str) -> None:
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                fill(v, key + ".")
+            elif v == "auto":
+                if key not in values:
+                    raise ConfigError(f"{strategy.deepspeed_config}: no run-config value for 'auto' key {key!r}")
+                node[k] = values[key]
+
+    fill(ds, "")
+    if cfg.train.precision == "no":
+        ds.pop("fp16", None), ds.pop("bf16", None)
+    return ds
+
+
+def build_accelerator(cfg: RunConfig, strategy: Strategy | None, grad_accum: int, world_size: int,
+                      hidden_size: int, device: str, log_dir: str):
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
+
+    if device == "cpu" and strategy is not None and strategy.family == "fsdp":
+        from .cpu_fsdp import allow_fsdp_on_cpu
+
+        allow_fsdp_on_cpu()
+    # Our resolved accumulation wins over a value an accelerate config file put in the env.
+    os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(grad_accum)
+    kwargs: dict[str, Any] = {}
+    if strategy is not None and strategy.family == "deepspeed":
+        ds = deepspeed_config(strategy, cfg, grad_accum, world_size, hidden_size, device)
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=copy.deepcopy(ds))
+    pg = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.launch.timeout_s),
+                                backend="gloo" if device == "cpu" else None)
+    return Accelerator(
+        mixed_precision=cfg.train.precision,
+        gradient_accumulation_steps=grad_accum,
+        cpu=device == "cpu" and (strategy is None or strategy.family == "ddp"),
+        log_with="tensorboard" if cfg.log.tensorboard else None,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=log_dir),
+        kwargs_handlers=[pg],
+        step_scheduler_with_optimizer=False,
+        **kwargs,
+    )
+
+
+def expected_distributed_type(strategy: Strategy, device: str) -> str:
+    if strategy.family == "ddp":
+        return "MULTI_CPU" if device == "cpu" else "MULTI_GPU"
+    return strategy.distributed_type
+
+
+def check_engaged(accelerator, strategy: Strategy | None, device: str) -> None:
+    """Stop with a clear error if the job is not the distributed job that was asked for."""
+    expected = int(os.environ.get(ENV_EXPECTED_WORLD, accelerator.num_processes))
+    pg = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    problems = []
+    if accelerator.num_processes != expected or pg != expected:
+        problems.append(f"world size: asked for {expected}, accelerate sees {accelerator.num_processes}, "
+                        f"process group has {pg}")
+    if strategy is not None and expected > 1:
+        want, got = expected_distributed_type(strategy, device), accelerator.distributed_type.name
+        if got != want:
+            problems.append(f"distributed type: strategy {strategy.name!r} needs {want}, accelerate engaged {got}")
+    if problems:
+        raise RuntimeError("the run did not engage as configured: " + "; ".join(problems))
+
+
+# -- what each rank holds ------------------------------------------------------------------
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # FSDP2 DTensor -> this rank's shard
+
+
+def _bytes(t: torch.Tensor | None) -> int:
+    if t is None or not torch.is_tensor(t):
+        return 0
+    t = _local(t)
+    return t.numel() * t.element_size()
+
+
+def local_param_bytes(model) -> int:
+    total = 0
+    for p in model.parameters():
+        ds_part = getattr(p, "ds_tensor", None)  # ZeRO-3: the partition this rank owns
+        total += _bytes(ds_part) if ds_part is not None else _bytes(p)
+    return total
+
+
+def innermost_optimizer(optimizer):
+    """accelerate's wrapper -> DeepSpeed's ZeRO optimizer -> the torch optimizer that steps."""
+    opt = optimizer
+    while not isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "optimizer") and isinstance(opt.optimizer, torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+@dataclass
+class HeldBytes:
+    parameters: int = 0
+    gradients: int = 0
+    optimizer: int = 0  # Adam moments (what ZeRO's formulas call optimizer state, K=8 bytes/param in fp32)
+
+    def as_dict(self) -> dict[str, int]:
+        return {PARAMS: self.parameters, GRADS: self.gradients, OPTIM: self.optimizer}
+
+
+class HeldBytesProbe:
+    """Measures, on this rank, the bytes of parameters, of the gradients the optimizer steps
+    on, and of optimizer state, right before each optimizer step (a torch pre-step hook on
+    the innermost optimizer, which under ZeRO holds flat fp32 partitions)."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.last = model, None
+        self._handle = innermost_optimizer(optimizer).register_step_pre_hook(self._measure)
+
+    def _measure(self, opt, args, kwargs) -> None:
+        grads = sum(_bytes(p.grad) for g in opt.param_groups for p in g["params"])
+        state = sum(_bytes(v) for s in opt.state.values() for k, v in s.items() if k != "step")
+        if not opt.state:  # before the first step Adam has no moments yet: report what it will hold
+            state = 2 * sum(_bytes(p) for g in opt.param_groups for p in g["params"])
+        self.last = HeldBytes(local_param_bytes(self.model), grads, state)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def check_sharded(held: HeldBytes, full: HeldBytes, strategy: Strategy, world_size: int) -> None:
+    """Sharded strategies must hold about 1/world of each sharded category (checked at step 1)."""
+    if world_size < 2:
+        return
+    bad = []
+    for cat, mine in held.as_dict().items():
+        whole = full.as_dict()[cat]
+        if cat in strategy.shards and whole and mine > whole / world_size * 1.25:
+            bad.append(f"{cat}: holds {mine} of {whole} bytes, expected about 1/{world_size}")
+    if bad:
+        raise RuntimeError(f"strategy {strategy.name!r} is not sharding: " + "; ".join(bad))
