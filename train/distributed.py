@@ -166,10 +166,10 @@ def local_param_bytes(model) -> int:
 
 def innermost_optimizer(optimizer):
     """accelerate's wrapper -> DeepSpeed's ZeRO optimizer -> the torch optimizer that steps."""
-    opt = optimizer
-    while not isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "optimizer") and isinstance(opt.optimizer, torch.optim.Optimizer):
-        opt = opt.optimizer
-    return opt
+    chain = [optimizer]
+    while getattr(chain[-1], "optimizer", None) is not None:
+        chain.append(chain[-1].optimizer)
+    return next(o for o in reversed(chain) if isinstance(o, torch.optim.Optimizer))
 
 
 @dataclass
@@ -184,19 +184,27 @@ class HeldBytes:
 
 class HeldBytesProbe:
     """Measures, on this rank, the bytes of parameters, of the gradients the optimizer steps
-    on, and of optimizer state, right before each optimizer step (a torch pre-step hook on
-    the innermost optimizer, which under ZeRO holds flat fp32 partitions)."""
+    on, and of optimizer state, right before each optimizer step: a torch pre-step hook on
+    the innermost optimizer, which under ZeRO holds flat fp32 partitions. DeepSpeed may call
+    it once per parameter group, so one optimizer step's calls are summed (``reset`` starts a step)."""
 
     def __init__(self, model, optimizer):
         self.model, self.last = model, None
+        self._grads: dict[int, int] = {}
+        self._state: dict[int, int] = {}
         self._handle = innermost_optimizer(optimizer).register_step_pre_hook(self._measure)
 
+    def reset(self) -> None:
+        self._grads.clear(), self._state.clear()
+
     def _measure(self, opt, args, kwargs) -> None:
-        grads = sum(_bytes(p.grad) for g in opt.param_groups for p in g["params"])
-        state = sum(_bytes(v) for s in opt.state.values() for k, v in s.items() if k != "step")
-        if not opt.state:  # before the first step Adam has no moments yet: report what it will hold
-            state = 2 * sum(_bytes(p) for g in opt.param_groups for p in g["params"])
-        self.last = HeldBytes(local_param_bytes(self.model), grads, state)
+        for g in opt.param_groups:
+            for p in g["params"]:
+                s = opt.state.get(p)
+                self._grads[id(p)] = _bytes(p.grad)
+                # Before the first step Adam has no moments yet: count what it is about to allocate.
+                self._state[id(p)] = (sum(_bytes(v) for k, v in s.items() if k != "step") if s else 2 * _bytes(p))
+        self.last = HeldBytes(local_param_bytes(self.model), sum(self._grads.values()), sum(self._state.values()))
 
     def close(self) -> None:
         self._handle.remove()

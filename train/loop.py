@@ -20,7 +20,7 @@ from .config import RunConfig, dump_yaml, resolve_batch
 from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, build_accelerator, check_engaged,
                           check_sharded, resolve_device)
 from .metrics import MetricsLog, StepTimer, peak_memory_mb
-from .model import build_model, load_tokenizer, model_config
+from .model import build_model, is_preset, load_tokenizer, model_config
 from .preemption import EXIT_PREEMPTED, StopSignal
 from .strategies import CUSTOM, get_strategy
 
@@ -31,7 +31,8 @@ def build_optimizer(model, cfg: RunConfig, device: str):
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)  # no weight decay on norms/biases
+            # no weight decay on norms/biases; ZeRO-3 (zero.Init) keeps the real shape in ds_shape
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     O = cfg.optim
     groups = [{"params": decay, "weight_decay": O.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=O.lr, betas=(O.beta1, O.beta2), eps=O.eps, fused=device == "cuda")
@@ -61,6 +62,13 @@ def train(cfg: RunConfig) -> int:
 
     tokenizer = load_tokenizer(cfg.model)
     mconf = model_config(cfg.model, len(tokenizer))
+    from accelerate.utils import set_seed
+
+    # Presets (random init) are built before the accelerator exists, so ZeRO-3's zero.Init does
+    # not partition them during construction (its init differs): every strategy starts from
+    # bitwise the same weights. Pretrained models load after it, already partitioned under ZeRO-3.
+    set_seed(cfg.seed)
+    model = build_model(cfg.model, len(tokenizer)) if is_preset(cfg.model.name) else None
     acc = build_accelerator(cfg, strategy, grad_accum, world, mconf.hidden_size, device,
                             log_dir=str(Path(cfg.output_dir) / "tensorboard"))
     check_engaged(acc, strategy, device)
@@ -71,13 +79,12 @@ def train(cfg: RunConfig) -> int:
               f"micro_batch={cfg.train.micro_batch} grad_accum={grad_accum} global_batch={global_batch}", flush=True)
         print("[train] resolved config:\n" + config_yaml, flush=True)
 
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.seed)  # identical initial weights on every rank and under every strategy
     with acc.main_process_first():
         splits = data_mod.build_splits(cfg.data, tokenizer, cfg.seed)
-    model = build_model(cfg.model, len(tokenizer))
-    n_params = sum(p.numel() for p in model.parameters())
+    if model is None:
+        set_seed(cfg.seed)
+        model = build_model(cfg.model, len(tokenizer))
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     full = HeldBytes(4 * n_params, 4 * n_params, 8 * n_params)  # fp32 replica: what DDP holds
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
@@ -112,6 +119,7 @@ def train(cfg: RunConfig) -> int:
         batches = iter(loader)
         for _ in range(sampler.steps_per_epoch - state.samples_in_epoch // global_batch):
             micro = [next(batches) for _ in range(A)]
+            probe.reset()
             # Per-token mean over the whole effective batch (all micro-batches, all ranks):
             # each micro-batch's summed loss is divided by that global count (transformers#24725).
             local_items = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro)
