@@ -1,0 +1,343 @@
+"""The rendered cpu-smoke Job, run for real: N local "pods" that form one multi-node training.
+
+Each pod gets the rendered container command and environment exactly as the kubelet would
+build it (`$(VAR)` expansion, downward-API job name, the Job controller's
+JOB_COMPLETION_INDEX); the PVC and ConfigMap mounts become temp directories. Where we are root,
+every pod runs in its own network namespace with an `eth0` on a shared bridge and its own
+/etc/hosts holding the headless-Service names, so the rendered MASTER_ADDR
+(`<job>-0.<service>`), MASTER_PORT and GLOO_SOCKET_IFNAME are used unchanged. Elsewhere the
+pods share the loopback and MASTER_ADDR is pointed at 127.0.0.1.
+
+Asserted: the two pods train as one 2-node job whose losses equal a single-node 2-process run
+of the same config; a worker that starts before the master's name resolves waits for it;
+killing either pod makes the other exit non-zero within the configured timeout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+_spec = importlib.util.spec_from_file_location("k8s_manifests", Path(__file__).with_name("test_k8s_manifests.py"))
+km = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(km)
+
+pytestmark = pytest.mark.slow
+
+REPO = km.REPO
+OVERLAY = "cpu-smoke"
+STEPS = 6
+RUN_TIMEOUT_S = 420  # per launch: 2-process gloo runs can hang, nothing here may wait forever
+KILL_DIST_TIMEOUT_S = 30
+# Variables of ours or of other launchers that must not leak from the test's environment.
+_STRIP = {"CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "JOB_COMPLETION_INDEX",
+          "MASTER_ADDR", "MASTER_PORT"}
+
+
+# -- the pods' world --------------------------------------------------------------------------
+def _ip_cmd() -> str | None:
+    return shutil.which("ip") or next((p for p in ("/usr/sbin/ip", "/sbin/ip") if os.path.exists(p)), None)
+
+
+class PodNetwork:
+    """One network namespace per pod, `eth0` on a private bridge, /etc/hosts per pod."""
+
+    def __init__(self, n: int, names: list[str]):
+        self.ip = _ip_cmd()
+        tag = f"{os.getpid() % 0xFFFF:04x}"
+        self.bridge = f"ktb{tag}"
+        self.ns = [f"kt{tag}p{i}" for i in range(n)]
+        self.veth = [f"kt{tag}v{i}" for i in range(n)]
+        subnet = f"10.{random.randint(200, 250)}.{random.randint(0, 255)}"
+        self.addrs = [f"{subnet}.{i + 1}" for i in range(n)]
+        self.names = names  # DNS name of pod i: <job>-<i>.<service>
+        self.created: list[list[str]] = []
+
+    def _run(self, *args: str, undo: list[str] | None = None) -> None:
+        subprocess.run([self.ip, *args], check=True, capture_output=True, timeout=30)
+        if undo:
+            self.created.append(undo)
+
+    def up(self) -> "PodNetwork":
+        self._run("link", "add", self.bridge, "type", "bridge", undo=["link", "del", self.bridge])
+        self._run("link", "set", self.bridge, "up")
+        for ns, veth, addr in zip(self.ns, self.veth, self.addrs):
+            self._run("netns", "add", ns, undo=["netns", "del", ns])
+            self._run("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns,
+                      undo=["link", "del", veth])
+            self._run("link", "set", veth, "master", self.bridge, "up")
+            self._run("-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
+            self._run("-n", ns, "link", "set", "eth0", "up")
+            self._run("-n", ns, "link", "set", "lo", "up")
+            Path(f"/etc/netns/{ns}").mkdir(parents=True, exist_ok=True)
+        for i in range(len(self.ns)):
+            self.publish(i, visible_to_others=False)
+        return self
+
+    def publish(self, index: int, visible_to_others: bool = True) -> None:
+        """What the headless Service's DNS answers: each pod knows itself; others once published."""
+        self._published = getattr(self, "_published", set())
+        if visible_to_others:
+            self._published.add(index)
+        for i, ns in enumerate(self.ns):
+            known = sorted({i} | self._published)
+            lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost"]
+            lines += [f"{self.addrs[j]} {self.names[j]} {self.names[j].split('.')[0]}" for j in known]
+            # Rewrite in place: `ip netns exec` bind-mounts this file, a new inode would not show.
+            with open(f"/etc/netns/{ns}/hosts", "w") as f:
+                f.write("\n".join(lines) + "\n")
+
+    def wrap(self, index: int, cmd: list[str]) -> list[str]:
+        """Run `cmd` as pod `index`: its network, its hostname, and its own PID namespace, so
+        that killing the pod kills every process in it (torchrun starts its workers in new
+        sessions: a process-group kill alone leaves them training)."""
+        hostname = self.names[index].split(".")[0]
+        return [self.ip, "netns", "exec", self.ns[index], "unshare", "--uts", "--pid", "--kill-child", "sh", "-c",
+                'hostname "$0" && exec "$@"', hostname, *cmd]
+
+    def cut(self, index: int) -> None:
+        """Pull pod `index`'s cable: its packets vanish, nobody sees a connection close."""
+        self._run("link", "set", self.veth[index], "down")
+
+    def down(self) -> None:
+        for undo in reversed(self.created):
+            subprocess.run([self.ip, *undo], capture_output=True, timeout=30)
+        for ns in self.ns:
+            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+        self.created.clear()
+
+
+def _try_network(n: int, names: list[str]) -> PodNetwork | None:
+    if os.geteuid() != 0 or not _ip_cmd() or not shutil.which("unshare"):
+        return None
+    net = PodNetwork(n, names)
+    try:
+        return net.up()
+    except (subprocess.CalledProcessError, OSError):
+        net.down()
+        return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """The rendered cpu-smoke Job, with its volumes on disk under `root`."""
+
+    def __init__(self, root: Path):
+        self.objs = km.render(OVERLAY)
+        self.job = km.one(self.objs, "Job")
+        self.svc = km.one(self.objs, "Service")
+        self.cm = km.one(self.objs, "ConfigMap")
+        self.n = self.job["spec"]["completions"]
+        self.command = km.trainer_container(self.job)["command"]
+        self.root = root
+        self.paths: dict[str, Path] = {}  # mountPath -> host directory
+        for path, vol in km.mounts(self.job).items():
+            if "persistentVolumeClaim" in vol:
+                self.paths[path] = root / "pvc"
+            elif "configMap" in vol:
+                d = root / "configmap"
+                d.mkdir(parents=True, exist_ok=True)
+                for key, text in self.cm["data"].items():
+                    (d / key).write_text(text)
+                self.paths[path] = d
+        for d in self.paths.values():
+            d.mkdir(parents=True, exist_ok=True)
+        self.names = [f"{self.job['metadata']['name']}-{i}.{self.svc['metadata']['name']}" for i in range(self.n)]
+
+    def _on_disk(self, value: str) -> str:
+        for path, host in self.paths.items():
+            if value == path or value.startswith(path + "/"):
+                return str(host) + value[len(path):]
+        return value
+
+    def env(self, index: int, **overrides: str) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items()
+                if k not in _STRIP and k not in _env_vars() and not k.startswith("PET_")}
+        pod = {k: self._on_disk(v) for k, v in km.pod_env(self.job, index).items()}
+        return {**base, **pod, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **overrides}
+
+    def argv(self) -> list[str]:
+        cmd = list(self.command)
+        assert cmd[0] == "python", f"container command {cmd} no longer starts with python"
+        return [sys.executable, *cmd[1:]]
+
+    def output_dir(self) -> Path:
+        return Path(self._on_disk(km.pod_env(self.job, 0)["OUTPUT_DIR"]))
+
+
+def _env_vars() -> set[str]:
+    from train.config import ENV_VARS
+
+    return set(ENV_VARS)
+
+
+class Pod:
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path):
+        self.log = log
+        self._fh = open(log, "wb")
+        # A new session: the pod's whole process tree can be killed as one, like a container.
+        self.proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=self._fh, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the pod's whole process tree, as a node failure or `kubectl delete --force` does.
+
+        torchrun puts its workers in sessions of their own, so the tree is collected first and
+        every process in it is killed, not just the pod's process group."""
+        try:
+            tree = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait()
+        self._fh.close()
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def _losses(output_dir: Path) -> list[tuple[int, float]]:
+    path = output_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def _wait_all(pods: list[Pod], timeout: float) -> list[int | None]:
+    deadline = time.monotonic() + timeout
+    return [p.wait(deadline - time.monotonic()) for p in pods]
+
+
+def _start_job(cluster: Cluster, net: PodNetwork | None, tmp: Path, master_delay_s: float = 0.0,
+               **overrides: str) -> list[Pod]:
+    """Start every pod. With a network, the workers start first and the master's name only
+    resolves `master_delay_s` later: the Kubernetes DNS race, which the launcher must wait out."""
+    pods: dict[int, Pod] = {}
+    if net is None:
+        overrides = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+                     "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", **overrides}
+    order = list(range(1, cluster.n)) + [0]
+    for i in order:
+        if i == 0 and net is not None and master_delay_s:
+            time.sleep(master_delay_s)
+        if net is not None:
+            net.publish(i)
+        argv = net.wrap(i, cluster.argv()) if net else cluster.argv()
+        pods[i] = Pod(argv, cluster.env(i, **overrides), tmp / f"pod-{i}.log")
+    return [pods[i] for i in range(cluster.n)]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    return Cluster(tmp_path / "cluster")
+
+
+@pytest.fixture
+def net(cluster):
+    network = _try_network(cluster.n, cluster.names)
+    print(f"pods run {'in network namespaces' if network else 'on the loopback (not root)'}")
+    yield network
+    if network:
+        network.down()
+
+
+# -- tests ------------------------------------------------------------------------------------
+def test_two_pods_train_as_one_job_with_the_losses_of_one_node_two_processes(cluster, net, tmp_path):
+    pods = _start_job(cluster, net, tmp_path, master_delay_s=3.0, MAX_STEPS=str(STEPS), LOG_EVERY="1")
+    try:
+        codes = _wait_all(pods, RUN_TIMEOUT_S)
+        logs = "\n".join(f"--- pod {i} ---\n{p.tail()}" for i, p in enumerate(pods))
+        assert codes == [0] * cluster.n, f"exit codes {codes}\n{logs}"
+    finally:
+        for p in pods:
+            p.kill()
+    two_nodes = _losses(cluster.output_dir())
+    assert [s for s, _ in two_nodes] == list(range(1, STEPS + 1)), two_nodes
+    pod0 = pods[0].log.read_text(errors="replace")
+    assert "node 0/2 (indexed-job)" in pod0 and "world size 2" in pod0, pods[0].tail()
+    pod1 = pods[1].log.read_text(errors="replace")
+    assert "node 1/2 (indexed-job)" in pod1, pods[1].tail()
+    if net is not None:
+        assert "master " + cluster.names[0] in pod1 and "reachable after" in pod1, pods[1].tail()
+
+    # The same config on one node with two processes.
+    single_root = tmp_path / "single"
+    single = Cluster(single_root)
+    env = single.env(0, NNODES="1", NPROC="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                     GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo", MAX_STEPS=str(STEPS), LOG_EVERY="1")
+    ref = Pod(single.argv(), env, tmp_path / "single.log")
+    try:
+        code = ref.wait(RUN_TIMEOUT_S)
+        assert code == 0, f"single-node run: exit {code}\n{ref.tail()}"
+    finally:
+        ref.kill()
+    one_node = _losses(single.output_dir())
+    assert [s for s, _ in one_node] == [s for s, _ in two_nodes]
+    assert [loss for _, loss in two_nodes] == pytest.approx([loss for _, loss in one_node], rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("victim, how", [(1, "kill"), (0, "kill"), (1, "cut")],
+                         ids=["kill-worker", "kill-master", "cut-worker-network"])
+def test_losing_one_pod_fails_the_other_within_the_timeout(cluster, net, tmp_path, victim, how):
+    """kill: the kernel closes the dead pod's sockets, so the peer fails at once. cut: packets
+    just vanish (a node or switch gone), and only DIST_TIMEOUT ends the wait."""
+    if how == "cut" and net is None:
+        pytest.skip("cutting one pod's network needs network namespaces (root)")
+    pods = _start_job(cluster, net, tmp_path, MAX_STEPS="100000", LOG_EVERY="1", CHECKPOINT_EVERY="0",
+                      DIST_TIMEOUT=str(KILL_DIST_TIMEOUT_S))
+    survivor = 1 - victim
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not _losses(cluster.output_dir()):
+            codes = [p.proc.poll() for p in pods]
+            assert None in codes and time.monotonic() < deadline, \
+                f"no step logged (exit codes {codes})\n" + "\n".join(p.tail() for p in pods)
+            time.sleep(0.5)
+        assert pods[survivor].proc.poll() is None, pods[survivor].tail()
+        start = time.monotonic()
+        if how == "kill":
+            pods[victim].kill()  # the node dies: no SIGTERM, no save
+        else:
+            net.cut(victim)
+        margin = 30
+        code = pods[survivor].wait(KILL_DIST_TIMEOUT_S + margin)
+        elapsed = time.monotonic() - start
+        assert code is not None, f"pod {survivor} still running {elapsed:.0f} s after pod {victim} died\n" \
+                                 f"{pods[survivor].tail()}"
+        assert code != 0, f"pod {survivor} exited 0 after its peer died\n{pods[survivor].tail()}"
+        print(f"pod {survivor} exited {code} {elapsed:.1f} s after pod {victim} was {how}")
+    finally:
+        for p in pods:
+            p.kill()
