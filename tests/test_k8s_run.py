@@ -10,7 +10,9 @@ pods share the loopback and MASTER_ADDR is pointed at 127.0.0.1.
 
 Asserted: the two pods train as one 2-node job whose losses equal a single-node 2-process run
 of the same config; a worker that starts before the master's name resolves waits for it;
-killing either pod makes the other exit non-zero within the configured timeout.
+killing either pod (or cutting a pod's network) makes the other exit non-zero within the
+configured timeout; SIGTERM to every pod saves a checkpoint within the grace period, and
+starting the same Job again resumes from it.
 """
 
 from __future__ import annotations
@@ -124,8 +126,17 @@ def _try_network(n: int, names: list[str]) -> PodNetwork | None:
         return None
     net = PodNetwork(n, names)
     try:
-        return net.up()
-    except (subprocess.CalledProcessError, OSError):
+        net.up()
+        # Can pod 1 reach pod 0? A refused connection proves the packets got there and back.
+        probe = ("import socket\ntry: socket.create_connection(('%s', 9), timeout=3)\n"
+                 "except ConnectionRefusedError: print('reached')\nexcept OSError as e: print(e)") % net.addrs[0]
+        out = subprocess.run([net.ip, "netns", "exec", net.ns[-1], sys.executable, "-c", probe],
+                             capture_output=True, text=True, timeout=30)
+        if out.stdout.strip() != "reached":
+            raise OSError(f"pods cannot reach each other: {out.stdout.strip()} {out.stderr.strip()}")
+        return net
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+        print(f"network namespaces unavailable ({e}); using the loopback")
         net.down()
         return None
 
@@ -201,6 +212,12 @@ class Pod:
             return self.proc.wait(timeout=max(0.0, timeout))
         except subprocess.TimeoutExpired:
             return None
+
+    def terminate(self) -> None:
+        """SIGTERM the container's main process, as the kubelet does on delete or preemption."""
+        tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        main = next(p for p in tree if p.cmdline()[:1] == [sys.executable])
+        main.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         """SIGKILL the pod's whole process tree, as a node failure or `kubectl delete --force` does.
@@ -341,3 +358,48 @@ def test_losing_one_pod_fails_the_other_within_the_timeout(cluster, net, tmp_pat
     finally:
         for p in pods:
             p.kill()
+
+
+def test_sigterm_saves_a_checkpoint_within_the_grace_period_and_a_resubmit_resumes(cluster, net, tmp_path):
+    """`kubectl delete job` / preemption: every pod gets SIGTERM, stops at a step boundary and
+    saves before terminationGracePeriodSeconds; applying the Job again resumes (RESUME=auto)."""
+    grace = cluster.job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    steps = 8
+    run = dict(MAX_STEPS=str(steps), LOG_EVERY="1", CHECKPOINT_EVERY="0")
+    (tmp_path / "first").mkdir()
+    pods = _start_job(cluster, net, tmp_path / "first", **run)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while len(_losses(cluster.output_dir())) < 2:
+            codes = [p.proc.poll() for p in pods]
+            assert None in codes and time.monotonic() < deadline, \
+                f"no steps logged (exit codes {codes})\n" + "\n".join(p.tail() for p in pods)
+            time.sleep(0.5)
+        start = time.monotonic()
+        for p in pods:
+            p.terminate()
+        codes = _wait_all(pods, grace)
+        elapsed = time.monotonic() - start
+        logs = "\n".join(f"--- pod {i} ---\n{p.tail()}" for i, p in enumerate(pods))
+        assert None not in codes, f"pods still running {grace} s after SIGTERM: the kubelet would SIGKILL them\n{logs}"
+    finally:
+        for p in pods:
+            p.kill()
+    saved = sorted((cluster.output_dir() / "checkpoints").glob("step_*/manifest.json"))
+    assert saved, f"no complete checkpoint after SIGTERM (exit codes {codes})\n{logs}"
+    step = json.loads(saved[-1].read_text())["step"]
+    assert 2 <= step < steps, f"saved step {step}"
+    print(f"SIGTERM: all pods exited {codes} in {elapsed:.1f} s with a checkpoint at step {step}")
+
+    (tmp_path / "again").mkdir()
+    pods = _start_job(cluster, net, tmp_path / "again", **run)
+    try:
+        codes = _wait_all(pods, RUN_TIMEOUT_S)
+        logs = "\n".join(f"--- pod {i} ---\n{p.tail()}" for i, p in enumerate(pods))
+        assert codes == [0] * cluster.n, f"resubmitted job: exit codes {codes}\n{logs}"
+    finally:
+        for p in pods:
+            p.kill()
+    assert f"at step {step}" in pods[0].log.read_text(errors="replace"), logs
+    final = [json.loads(m.read_text())["step"] for m in (cluster.output_dir() / "checkpoints").glob("step_*/manifest.json")]
+    assert steps in final, f"the resumed run did not reach step {steps}: checkpoints at {final}\n{logs}"
