@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import failpoints
 from .config import ConfigError, RunConfig
 
 MANIFEST = "manifest.json"
@@ -131,6 +132,7 @@ class Checkpointer:
                 (tmp / "run_config.yaml").write_text(config_yaml)
         except Exception as e:  # noqa: BLE001 - agreed on below, so no rank hangs alone
             error = e
+        failpoints.in_save(state.step)
         failed = self._any_rank(error is not None)
         if failed:
             raise RuntimeError(f"checkpoint save to {tmp} failed on at least one rank"

@@ -33,6 +33,10 @@ def preflight(cfg: RunConfig, world_size: int, device: str) -> None:
     from .data import resolve_source
     from .model import check_model_source
 
+    strategy = None if cfg.launch.accelerate_config else get_strategy(cfg.launch.strategy)
+    if strategy is not None and strategy.gpu_only and device == "cpu":
+        raise ConfigError(f"STRATEGY={strategy.name} offloads from GPU to CPU memory and needs a CUDA GPU; "
+                          "on CPU use fsdp (or zero3-offload)")
     if cfg.train.precision == "fp16" and device == "cpu":
         raise ConfigError("PRECISION=fp16 needs a CUDA GPU (on CPU it would silently train in fp32); use bf16 or no")
     if cfg.train.precision == "bf16" and device == "cuda":

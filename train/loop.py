@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
+from . import failpoints
 from .checkpoint import Checkpointer, TrainState, export_final, find_resume
 from .config import RunConfig, dump_yaml, resolve_batch
 from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, build_accelerator, check_engaged,
@@ -51,6 +52,27 @@ def build_scheduler(optimizer, cfg: RunConfig):
 def sample_hash(index: torch.Tensor) -> torch.Tensor:
     """An order-free fingerprint of which samples a step consumed (audited by the resume tests)."""
     return ((index.long() + 1) * 2654435761 % 2_147_483_647).sum()
+
+
+def forward_backward(model, micro: list[dict], acc) -> torch.Tensor:
+    """Forward/backward over one optimizer step's micro-batches; returns the summed loss terms.
+
+    The loss is the per-token mean over the whole effective batch (all micro-batches, all
+    ranks): each micro-batch's summed token loss is divided by that global token count, not
+    by its own (averaging per-micro-batch means is wrong when counts differ, transformers#24725).
+    accelerate (or DeepSpeed) divides by the accumulation steps and the gradient all-reduce
+    averages over ranks, so the count passed to the model is pre-divided by both.
+    """
+    W, A = acc.num_processes, len(micro)
+    local_items = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro)
+    items = acc.reduce(local_items.float(), "sum") / (W * A)
+    total = torch.zeros((), device=acc.device)
+    for b in micro:
+        with acc.accumulate(model):
+            out = model(input_ids=b["input_ids"], labels=b["labels"], num_items_in_batch=items)
+            acc.backward(out.loss)
+        total += out.loss.detach()
+    return total
 
 
 def train(cfg: RunConfig) -> int:
@@ -120,15 +142,8 @@ def train(cfg: RunConfig) -> int:
         for _ in range(sampler.steps_per_epoch - state.samples_in_epoch // global_batch):
             micro = [next(batches) for _ in range(A)]
             probe.reset()
-            # Per-token mean over the whole effective batch (all micro-batches, all ranks):
-            # each micro-batch's summed loss is divided by that global count (transformers#24725).
-            local_items = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro)
-            items = acc.reduce(local_items.float(), "sum") / (W * A)  # accelerate/DeepSpeed average over W*A
+            window_loss += forward_backward(model, micro, acc)
             for b in micro:
-                with acc.accumulate(model):
-                    out = model(input_ids=b["input_ids"], labels=b["labels"], num_items_in_batch=items)
-                    acc.backward(out.loss)
-                window_loss += out.loss.detach()
                 window_hash += sample_hash(b["index"])
             assert acc.sync_gradients, "accumulation boundary out of step with the data"
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -140,6 +155,7 @@ def train(cfg: RunConfig) -> int:
             state.samples_in_epoch += global_batch
             state.tokens_seen += tokens_per_step
             window_steps += 1
+            failpoints.after_step(state.step, acc.process_index)
             if state.step == 1 and strategy is not None and probe.last is not None:
                 check_sharded(probe.last, full, strategy, W)
 

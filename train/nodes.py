@@ -6,7 +6,7 @@ taken from the first of these that supplies it:
 1. ``config``: our own names (``NNODES``, ``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``,
    ``NPROC``) set in the environment, or in the run file / command line. Something a person
    wrote down explicitly beats anything a controller inferred.
-2. ``pet``: Kubeflow Trainer v2 (and training-operator >= 1.8) set only the torchrun
+2. ``pet``: Kubeflow Trainer v2 (and newer training-operator releases) set the torchrun
    variables ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``,
    ``PET_MASTER_PORT``. They are named for exactly this purpose, so they beat the older ones.
 3. ``pytorchjob``: the PyTorchJob v1 operator sets ``MASTER_ADDR``/``MASTER_PORT`` and a

@@ -27,6 +27,7 @@ class Strategy:
     offload: bool  # parameters/optimizer state live in CPU memory between uses
     zero_stage: int | None
     summary: str
+    gpu_only: bool = False  # refused on CPU-only machines, with the reason below
 
     @property
     def accelerate_config(self) -> Path:
@@ -53,7 +54,8 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("zero3", "deepspeed", _ALL, False, 3, "shard parameters, gradients and optimizer state"),
         Strategy("zero3-offload", "deepspeed", _ALL, True, 3, "ZeRO-3 with parameters and optimizer state in CPU RAM"),
         Strategy("fsdp", "fsdp", _ALL, False, None, "PyTorch FSDP2: shard parameters, gradients, optimizer state"),
-        Strategy("fsdp-offload", "fsdp", _ALL, True, None, "FSDP2 with parameters and optimizer state in CPU RAM"),
+        Strategy("fsdp-offload", "fsdp", _ALL, True, None, "FSDP2 with parameters and optimizer state in CPU RAM",
+                 gpu_only=True),  # FSDP2's CPUOffloadPolicy moves shards between GPU and CPU
     )
 }
 
