@@ -1,4 +1,4 @@
-# Every target runs the one package in train/. `make help` lists them.
+# Every target runs the one package in train/. `make help` lists targets and run settings.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -8,14 +8,14 @@ PY := $(VENV)/bin/python
 # DeepSpeed JIT-builds its CPU ops (shared-memory comm, CPU Adam) once; keep them with the venv.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-# Run settings: passed to the package as environment variables (empty = the config's value).
-# The names are train/config.py's ENV_VARS; `make help` prints them with their defaults.
-RUN_VARS := STRATEGY ACCELERATE_CONFIG NPROC NNODES NODE_RANK MASTER_ADDR MASTER_PORT DEVICE \
-  DIST_TIMEOUT CONFIG MODEL TOKENIZER DATASET SEQ_LEN PRECISION MICRO_BATCH GRAD_ACCUM \
-  GLOBAL_BATCH MAX_STEPS LR LOG_EVERY CHECKPOINT_EVERY KEEP_CHECKPOINTS RESUME OUTPUT_DIR SEED
+# Run settings are passed to the package as environment variables (unset = the run file's
+# value). The names are train/config.py's ENV_VARS: `make keys` prints every key with its
+# default, and the same names work in `.env`, compose and the Kubernetes manifests.
+RUN_VARS := CONFIG $(shell sed -n 's/^    "\([A-Z_]*\)": "[a-z_.]*",$$/\1/p' train/config.py)
 export $(RUN_VARS)
 
 STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
 
 $(STAMP): constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +28,49 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PY) -m train warm
 	touch $@
 
-.PHONY: venv
-venv: $(STAMP) ## Create the virtualenv with pinned dependencies (done automatically by other targets)
+.PHONY: help venv train test test-fast env config keys plan bench strategies clean
+
+help: ## Show targets and run settings
+	@echo "Usage: make TARGET [NAME=value ...]   e.g. make train STRATEGY=zero2 NPROC=2 MAX_STEPS=50"
+	@echo
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+	@echo
+	@echo "Strategies: $$(ls configs/strategies | sed 's/\.yaml$$//' | tr '\n' ' ')"
+	@echo "Run settings (environment / .env / make variables): $(RUN_VARS)"
+	@echo "Every config key: make keys"
+
+venv: $(STAMP) ## Create the virtualenv with pinned dependencies (other targets do it on first use)
+
+train: $(STAMP) ## Train (default: tiny Llama on the built-in corpus, DDP, 2 processes, offline)
+	$(PY) -m train launch
+
+test: $(STAMP) ## Run the whole test suite (real multi-process jobs on CPU)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## Only the tests that start no training job
+	$(PY) -m pytest -m "not slow and not docker" $(PYTEST_ARGS)
+
+env: $(STAMP) ## Print versions (torch, CUDA, NCCL, DeepSpeed, ...) and `accelerate env`
+	$(PY) -m train env
+
+config: $(STAMP) ## Print the resolved run configuration
+	$(PY) -m train config
+
+keys: $(STAMP) ## List every config key, its default and its environment name
+	$(PY) -m train keys
+
+plan: $(STAMP) ## Per-GPU memory of each strategy: make plan MODEL=... GPUS_PER_NODE=8 NODES=2 GPU_MEMORY=80
+	$(PY) -m train plan $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) $(if $(NODES),--nodes $(NODES)) \
+	  $(if $(GPU_MEMORY),--gpu-memory $(GPU_MEMORY))
+
+bench: $(STAMP) ## Benchmark table (our loop vs plain PyTorch vs HF Trainer, strategies, memory) into bench-results/
+	$(PY) -m train bench $(BENCH_ARGS)
+
+strategies: ## List strategy names (one per configs/strategies/*.yaml)
+	@ls configs/strategies | sed 's/\.yaml$$//'
+
+clean: ## Remove outputs (keeps the virtualenv)
+	rm -rf outputs build
+
+-include docker/docker.mk
+-include k8s/k8s.mk

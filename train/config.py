@@ -235,7 +235,10 @@ def _set(cfg: RunConfig, dotted: str, value: Any, source: str) -> None:
     hints = typing.get_type_hints(type(target)) if target is not None else {}
     if target is None or name not in hints or name in sections:
         raise ConfigError(f"unknown config key {dotted!r} (from {source}); allowed: {', '.join(allowed_keys())}")
-    setattr(target, name, _coerce(dotted, value, hints[name]))
+    try:
+        setattr(target, name, _coerce(dotted, value, hints[name]))
+    except ConfigError as e:
+        raise ConfigError(f"{e} (from {source})") from None
 
 
 def _apply_tree(cfg: RunConfig, tree: Mapping[str, Any], source: str) -> None:
@@ -264,12 +267,14 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
 def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = None, dotenv_path: str | None = ".env") -> RunConfig:
     """Resolve the run configuration. Pure apart from reading the YAML and `.env` files."""
     env = dict(os.environ if env is None else env)
+    from_dotenv: set[str] = set()
     if dotenv_path and Path(dotenv_path).is_file():
         from dotenv import dotenv_values
 
         for k, v in dotenv_values(dotenv_path).items():  # the real environment wins over .env
-            if v is not None:
-                env.setdefault(k, v)
+            if v is not None and k not in env:
+                env[k] = v
+                from_dotenv.add(k)
     overrides = parse_overrides(args or [])
     # Short names (STRATEGY=zero2) on the command line act like the environment.
     for k in [k for k in overrides if k in ENV_VARS or k == CONFIG_ENV]:
@@ -288,7 +293,7 @@ def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = N
     _apply_tree(cfg, tree, str(p))
     for name, dotted in ENV_VARS.items():
         if env.get(name, "") != "":  # Make exports unset variables as empty strings
-            _set(cfg, dotted, env[name], f"environment {name}")
+            _set(cfg, dotted, env[name], f"{'.env' if name in from_dotenv else 'environment'} {name}")
     for k, v in overrides.items():
         _set(cfg, k, v, "command line")
     validate(cfg)

@@ -33,15 +33,6 @@ def resolve_source(cfg: DataConfig) -> tuple[str, dict]:
             raise ConfigError(f"unknown built-in dataset {name!r}; allowed: {', '.join('builtin:' + k for k in BUILTIN_DATASETS)}")
         return "text", {"data_files": {"train": str(BUILTIN_DATASETS[key])}}
     p = Path(name)
-    if p.is_file() or p.suffix.lower() in _FILE_BUILDERS or name.startswith((".", "/")):
-        if not p.is_file():
-            raise ConfigError(f"data file {name!r} not found")
-        if p.stat().st_size == 0:
-            raise ConfigError(f"data file {name!r} is empty")
-        builder = _FILE_BUILDERS.get(p.suffix.lower())
-        if builder is None:
-            raise ConfigError(f"data file {name!r}: unknown extension; allowed: {', '.join(sorted(_FILE_BUILDERS))}")
-        return builder, {"data_files": {"train": str(p)}}
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix.lower() in _FILE_BUILDERS and f.stat().st_size > 0)
         if not files:
@@ -50,6 +41,15 @@ def resolve_source(cfg: DataConfig) -> tuple[str, dict]:
         if len(exts) > 1:
             raise ConfigError(f"data directory {name!r} mixes formats {sorted(exts)}; keep one format per directory")
         return exts.pop(), {"data_files": {"train": [str(f) for f in files]}}
+    if p.is_file():
+        if p.stat().st_size == 0:
+            raise ConfigError(f"data file {name!r} is empty")
+        builder = _FILE_BUILDERS.get(p.suffix.lower())
+        if builder is None:
+            raise ConfigError(f"data file {name!r}: unknown extension; allowed: {', '.join(sorted(_FILE_BUILDERS))}")
+        return builder, {"data_files": {"train": str(p)}}
+    if p.suffix.lower() in _FILE_BUILDERS or name.startswith((".", "/", "~")):
+        raise ConfigError(f"data file {name!r} not found")
     return name, {"name": cfg.dataset_config or None}  # a hub dataset id
 
 

@@ -1,0 +1,106 @@
+"""Configuration: YAML < .env < environment < CLI, typed, unknown keys refused."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from train.config import ENV_VARS, ConfigError, allowed_keys, dump_yaml, load_config, resolve_batch
+from train.strategies import STRATEGIES
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load(args=(), env=None, dotenv=None):
+    return load_config(list(args), env=env or {}, dotenv_path=dotenv)
+
+
+def test_defaults_come_from_the_tiny_run_file():
+    cfg = load()
+    assert cfg.model.name == "llama-tiny" and cfg.launch.strategy == "ddp" and cfg.train.precision == "no"
+
+
+def test_precedence_yaml_then_dotenv_then_environment_then_cli(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("train:\n  max_steps: 11\n  micro_batch: 3\nseed: 7\n")
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("MAX_STEPS=22\nSEED=8\nLR=0.5\n")
+    cfg = load(["train.micro_batch=5"], env={"CONFIG": str(run), "MAX_STEPS": "33"}, dotenv=str(dotenv))
+    assert cfg.train.max_steps == 33  # environment beats .env
+    assert cfg.seed == 8  # .env beats YAML
+    assert cfg.optim.lr == 0.5
+    assert cfg.train.micro_batch == 5  # CLI beats YAML
+    cfg = load(["MAX_STEPS=44"], env={"CONFIG": str(run), "MAX_STEPS": "33"})
+    assert cfg.train.max_steps == 44  # CLI beats environment
+
+
+def test_empty_environment_values_are_unset():
+    assert load(env={"STRATEGY": "", "MAX_STEPS": ""}).launch.strategy == "ddp"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train.max_stepz=3"], "unknown config key 'train.max_stepz'"),
+    (["bogus=1"], "unknown config key 'bogus'"),
+    (["train.max_steps=ten"], "train.max_steps='ten' must be an integer"),
+    (["STRATEGY=zero4"], "unknown strategy 'zero4'; allowed: ddp, zero1"),
+    (["PRECISION=fp8"], "unknown precision 'fp8'; allowed: no, bf16, fp16"),
+    (["train.micro_batch=0"], "train.micro_batch=0 is too small"),
+    (["NNODES=2", "NODE_RANK=2"], "node_rank=2 must be in [0, nnodes=2)"),
+    (["log.tensorboard=maybe"], "is not a boolean"),
+    (["notakeyvalue"], "overrides look like section.key=value"),
+])
+def test_bad_values_are_one_line_errors_naming_value_and_allowed(args, message):
+    with pytest.raises(ConfigError) as e:
+        load(args)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    run = tmp_path / "bad.yaml"
+    run.write_text("train:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.learning_rate' \(from .*bad.yaml\)"):
+        load(env={"CONFIG": str(run)})
+
+
+def test_yaml_no_stays_the_string_no(tmp_path):
+    run = tmp_path / "r.yaml"
+    run.write_text("train:\n  precision: no\n")
+    assert load(env={"CONFIG": str(run)}).train.precision == "no"
+
+
+def test_global_batch_fixes_the_samples_per_step_and_derives_accumulation():
+    cfg = load(["GLOBAL_BATCH=16", "MICRO_BATCH=2"])
+    assert resolve_batch(cfg, 2) == (4, 16)
+    assert resolve_batch(cfg, 4) == (2, 16)
+    with pytest.raises(ConfigError, match="GLOBAL_BATCH=16 is not divisible by MICRO_BATCH x world size = 2 x 3 = 6"):
+        resolve_batch(cfg, 3)
+
+
+def test_secrets_are_redacted_in_the_printed_config():
+    cfg = load(["MODEL=llama-debug"])
+    text = dump_yaml(cfg)
+    assert "llama-debug" in text
+    assert "***" not in text  # nothing secret in the config today; HF_TOKEN is read from env only
+
+
+def test_every_short_name_maps_to_a_real_key():
+    keys = set(allowed_keys())
+    assert set(ENV_VARS.values()) <= keys
+
+
+def test_makefile_reads_run_settings_from_the_config_table():
+    makefile = (REPO / "Makefile").read_text()
+    assert "train/config.py" in makefile and "RUN_VARS" in makefile
+
+
+def test_strategy_files_and_table_agree():
+    files = {p.stem for p in (REPO / "configs" / "strategies").glob("*.yaml")}
+    assert files == set(STRATEGIES)
+    for s in STRATEGIES.values():
+        text = s.accelerate_config.read_text()
+        assert re.search(rf"distributed_type: {s.distributed_type}\b", text), s.name
+        if s.deepspeed_config is not None:
+            assert s.deepspeed_config.is_file() and str(s.deepspeed_config.relative_to(REPO)) in text
