@@ -60,7 +60,8 @@ def accelerate_args(cfg: RunConfig, spec, nproc: int, device: str) -> list[str]:
             "--rdzv_backend", "static", "--same_network",
             "--mixed_precision", cfg.train.precision,
             "--num_cpu_threads_per_process", str(max(1, cores // nproc))]
-    if device == "cpu" and not cfg.launch.accelerate_config and get_strategy(cfg.launch.strategy).family == "ddp":
+    single = spec.nnodes * nproc == 1
+    if device == "cpu" and not single and not cfg.launch.accelerate_config and get_strategy(cfg.launch.strategy).family == "ddp":
         args.append("--multi_gpu")  # with ACCELERATE_USE_CPU=1 this is torchrun + MULTI_CPU over gloo
     if spec.nnodes > 1:
         args += ["--max_restarts", "0"]
