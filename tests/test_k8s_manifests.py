@@ -418,7 +418,7 @@ def test_pytorchjob_example_pod_templates_validate(version):
         assert 30 < shutdown <= pod["spec"]["terminationGracePeriodSeconds"] - 10
 
 
-@pytest.mark.parametrize("operator", ["v1-old", "v1.8+"])
+@pytest.mark.parametrize("operator", ["v1-old", "v1-newer"])
 def test_pytorchjob_example_gets_the_right_world_size(operator):
     """What the operator injects into each pod, turned into nodes by train/nodes.py."""
     from train.config import load_config

@@ -44,7 +44,7 @@ def test_values_from_run_file_or_cli_count_as_explicit():
     assert (spec.nnodes, spec.node_rank, spec.master_addr, spec.source) == (2, 1, "head", "config")
 
 
-# -- Kubeflow Trainer v2 / training-operator >= 1.8: PET_* -------------------------------------
+# -- Kubeflow Trainer v2 / newer training-operator: PET_* ---------------------------------------
 def test_trainer_v2_pet_variables():
     env = {"PET_NNODES": "4", "PET_NPROC_PER_NODE": "8", "PET_NODE_RANK": "3",
            "PET_MASTER_ADDR": "job-node-0-0.job", "PET_MASTER_PORT": "29400"}
@@ -82,7 +82,7 @@ def test_pytorchjob_world_size_counts_pods_not_processes():
 
 
 def test_newer_pytorchjob_prefers_pet_over_process_world_size():
-    # training-operator >= 1.8 with nprocPerNode: WORLD_SIZE = pods x nproc, plus PET_* per node.
+    # Newer training-operator with nprocPerNode: WORLD_SIZE = pods x nproc, plus PET_* per node.
     env = {"MASTER_ADDR": "m", "MASTER_PORT": "23456", "WORLD_SIZE": "16", "RANK": "1",
            "PET_NNODES": "2", "PET_NODE_RANK": "1", "PET_NPROC_PER_NODE": "8"}
     assert resolve(env) == NodeSpec(2, 1, "m", 23456, 8, "pet")
