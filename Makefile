@@ -16,6 +16,8 @@ export $(RUN_VARS)
 
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Extra `section.key=value` overrides for train, e.g. ARGS='optim.lr=1e-3 train.eval_every=0'
+ARGS ?=
 
 $(STAMP): constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +44,7 @@ help: ## Show targets and run settings
 venv: $(STAMP) ## Create the virtualenv with pinned dependencies (other targets do it on first use)
 
 train: $(STAMP) ## Train (default: tiny Llama on the built-in corpus, DDP, 2 processes, offline)
-	$(PY) -m train launch
+	$(PY) -m train launch $(ARGS)
 
 test: $(STAMP) ## Run the whole test suite (real multi-process jobs on CPU)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -93,8 +93,21 @@ def find_resume(cfg: RunConfig, world_size: int) -> Path | None:
         return None
     if not (path / MANIFEST).is_file():
         raise ConfigError(f"RESUME={mode!r}: {str(path)!r} is not a complete checkpoint (no {MANIFEST})")
-    check_compatible(read_manifest(path), cfg, world_size, path)
+    manifest = read_manifest(path)
+    check_compatible(manifest, cfg, world_size, path)
+    check_files(manifest, path)
     return path
+
+
+def check_files(manifest: dict, path: Path) -> None:
+    """Every file the manifest lists is there with its recorded size (catches truncation early)."""
+    for rel, size in manifest.get("files", {}).items():
+        f = path / rel
+        actual = f.stat().st_size if f.is_file() else None
+        if actual != size:
+            state = "missing" if actual is None else f"{actual} bytes, expected {size}"
+            raise ConfigError(f"checkpoint {str(path)!r} is damaged: {rel} is {state}; remove this checkpoint to "
+                              "resume from the previous one, or pass RESUME=<older checkpoint dir>")
 
 
 def check_compatible(manifest: dict, cfg: RunConfig, world_size: int, path: Path) -> None:
@@ -135,13 +148,18 @@ class Checkpointer:
         failpoints.in_save(state.step)
         failed = self._any_rank(error is not None)
         if failed:
+            # A full disk surfaces as obscure stream errors from torch.save; say how much room is left.
+            free = shutil.disk_usage(self.root).free / 2**20
             raise RuntimeError(f"checkpoint save to {tmp} failed on at least one rank"
-                               + (f": {error}" if error else "; see the other ranks' logs")) from error
+                               + (f": {error}" if error else "; see the other ranks' logs")
+                               + f" ({free:.1f} MiB free at {self.root}); the previous checkpoint is intact") from error
         if acc.is_main_process:
             manifest = {"format": FORMAT_VERSION, "step": state.step, "train_state": asdict(state),
                         "world_size": acc.num_processes, "fingerprint": self.cfg.fingerprint(),
                         "config_hash": self.cfg.fingerprint_hash(), "versions": versions(),
-                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **self.extra}
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "files": {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()},
+                        **self.extra}
             _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=2))
             if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
                 shutil.rmtree(final)
