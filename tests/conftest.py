@@ -55,10 +55,19 @@ def train(output_dir: Path, *, env: dict | None = None, check: bool = True, time
 
 
 def start(output_dir: Path, *, env: dict | None = None, **overrides) -> subprocess.Popen:
-    """Start a job in its own session (so a test can kill the whole tree, like a node dying)."""
+    """Start a job in its own session (so a test can kill the whole tree, like a node dying).
+    Output goes to a file, not a pipe: an unread pipe fills up and blocks the job."""
     cmd = [sys.executable, "-m", "train", *args_for(output_dir, **overrides)]
-    return subprocess.Popen(cmd, cwd=REPO, env=job_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    log = Path(output_dir).parent / f"{Path(output_dir).name}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(env), stdout=f, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    proc.log_path = log
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    return proc.log_path.read_text()
 
 
 def kill_tree(p: subprocess.Popen, sig=signal.SIGKILL) -> None:
@@ -82,10 +91,16 @@ def wait_for_step(output_dir: Path, step: int, proc: subprocess.Popen, timeout: 
         if any(r["step"] >= step and "loss" in r for r in read_metrics(output_dir, raw=True)):
             return
         if proc.poll() is not None:
-            raise AssertionError(f"job exited {proc.returncode} before step {step}:\n{proc.stdout.read()[-6000:]}")
+            raise AssertionError(f"job exited {proc.returncode} before step {step}:\n{_tail(proc)}")
         time.sleep(0.05)
     kill_tree(proc)
     raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def _tail(proc) -> str:
+    if getattr(proc, "log_path", None):
+        return output(proc)[-6000:]
+    return proc.stdout.read()[-6000:] if proc.stdout else ""
 
 
 def read_metrics(output_dir: Path, raw: bool = False) -> list[dict]:

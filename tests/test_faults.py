@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import kill_tree, read_metrics, start, train, wait_for_step
+from conftest import output, read_metrics, start, train, wait_for_step
 from train.checkpoint import MANIFEST, complete_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,8 @@ def test_sigterm_stops_all_ranks_at_one_step_saves_and_resumes(tmp_path):
     wait_for_step(tmp_path, 3, job)
     t0 = time.monotonic()
     job.send_signal(signal.SIGTERM)  # what `docker stop` / a Kubernetes eviction sends to PID 1
-    out, _ = job.communicate(timeout=120)
+    job.wait(timeout=120)
+    out = output(job)
     elapsed = time.monotonic() - t0
     assert job.returncode != 0, "a preempted run must not look like a finished one"
     assert elapsed < 30, f"stop took {elapsed:.0f}s; torchrun SIGKILLs workers after ~30 s"

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, free_port, job_env, kill_tree, losses, train, wait_for_step
+from conftest import REPO, TINY, free_port, job_env, kill_tree, losses, output, train, wait_for_step
 
 pytestmark = pytest.mark.slow
 COMMON = {**TINY, "MAX_STEPS": "4", "CHECKPOINT_EVERY": "0", "checkpoint.export": "false"}
@@ -20,9 +21,13 @@ def make_train(out, node_rank: int, port: int, env: dict | None = None, **extra)
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OUTPUT_DIR": str(out), **extra}
     make_vars = [f"{k}={v}" for k, v in settings.items() if "." not in k]
     args = " ".join(f"{k}={v}" for k, v in settings.items() if "." in k)  # dotted keys go through ARGS
-    return subprocess.Popen(["make", "--no-print-directory", "train", *make_vars, f"ARGS={args}"],
-                            cwd=REPO, env=job_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    log = Path(str(out) + f"-node{node_rank}.log")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["make", "--no-print-directory", "train", *make_vars, f"ARGS={args}"],
+                                cwd=REPO, env=job_env(env), stdout=f, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    proc.log_path = log
+    return proc
 
 
 def test_two_machines_with_one_process_each_equal_one_machine_with_two(tmp_path):
@@ -31,7 +36,9 @@ def test_two_machines_with_one_process_each_equal_one_machine_with_two(tmp_path)
     multi = tmp_path / "multi"
     port = free_port()
     nodes = [make_train(multi, r, port) for r in (0, 1)]
-    outs = [n.communicate(timeout=400)[0] for n in nodes]
+    for n in nodes:
+        n.wait(timeout=400)
+    outs = [output(n) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-3000:] for o in outs)
     assert "node 1/2" in outs[1] and "world_size=2" in outs[0]
     assert losses(multi) == pytest.approx(losses(single), abs=1e-5, rel=0)
@@ -46,7 +53,8 @@ def test_when_one_machine_dies_the_other_exits_non_zero_within_the_timeout(tmp_p
     wait_for_step(tmp_path, 3, nodes[0])
     kill_tree(nodes[1])  # machine 1 loses power: launcher and worker gone at once
     t0 = time.monotonic()
-    out = nodes[0].communicate(timeout=30 + 90)[0]
+    nodes[0].wait(timeout=30 + 90)
+    out = output(nodes[0])
     elapsed = time.monotonic() - t0
     assert nodes[0].returncode != 0
     assert elapsed < 30 + 60, f"survivor took {elapsed:.0f}s to fail"

@@ -22,7 +22,6 @@ give ``None`` (reported as "n/a", never a made-up number).
 
 from __future__ import annotations
 
-import functools
 import re
 
 # Dense (not 2:4 sparse) peak FLOP/s from the vendors' datasheets. First match wins, so
@@ -85,29 +84,25 @@ def device_peak_flops(device, precision: str) -> float | None:
     return peak_flops(torch.cuda.get_device_name(device), precision)
 
 
-@functools.lru_cache(maxsize=16)
-def _matmul_params_from_json(config_json: str, model_type: str) -> tuple[int, int]:
-    """(parameters in nn.Linear weights, all parameters), counted on a meta-device model
-    built from the config: exact for any architecture, no memory, no download."""
-    import json
-
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    conf = AutoConfig.for_model(model_type, **{k: v for k, v in json.loads(config_json).items() if k != "model_type"})
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(conf)
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    total = sum(p.numel() for p in model.parameters())
-    return linear, total
+_COUNTS: dict[str, tuple[int, int]] = {}
 
 
-def param_counts(config) -> tuple[int, int]:
-    """(matmul parameters N, total parameters P) of the causal LM the transformers ``config`` describes.
+def param_counts(config, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(matmul parameters N, total parameters P) of the causal LM the transformers ``config``
+    describes, counted on a meta-device model: exact for any architecture, no memory, no download.
 
     A tied output head counts once in P (one tensor) but in N as the matmul it is.
     """
-    return _matmul_params_from_json(config.to_json_string(use_diff=False), config.model_type)
+    key = config.to_json_string(use_diff=False)
+    if key not in _COUNTS:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        _COUNTS[key] = (linear, sum(p.numel() for p in model.parameters()))
+    return _COUNTS[key]
 
 
 def flops_per_token(config, seq_len: int) -> float:

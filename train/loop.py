@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,6 +77,9 @@ def forward_backward(model, micro: list[dict], acc) -> torch.Tensor:
 
 
 def train(cfg: RunConfig) -> int:
+    # DeepSpeed calls torch collectives that torch deprecates, once per call: noise, not news.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+                            category=FutureWarning)
     strategy = None if cfg.launch.accelerate_config else get_strategy(cfg.launch.strategy)
     device = os.environ.get(ENV_DEVICE) or resolve_device(cfg.launch.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))

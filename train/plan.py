@@ -1,0 +1,350 @@
+"""Memory planner: per-GPU bytes of every strategy for a model, and the cheapest that fits.
+
+    python -m train plan [--gpus-per-node 8] [--nodes 1] [--gpu-memory 80] [--json] [KEY=value ...]
+    make plan MODEL=meta-llama/Llama-3.1-8B GPUS_PER_NODE=8 NODES=2 GPU_MEMORY=80 PRECISION=bf16
+
+The model comes from the run config (MODEL, CONFIG, SEQ_LEN, MICRO_BATCH, PRECISION, ...
+exactly as for training): a preset, a local directory or ``config.json``, or a hub id (only
+its config is fetched, never weights). Parameters are counted on a meta-device model.
+
+What a rank holds (P parameters, N ranks, Adam), the ZeRO paper's accounting:
+
+    bytes/param        params  grads  Adam moments  fp32 master  sharded over N
+    ddp                  4       4        8             -        nothing
+    zero1                4       4        8            (4)       moments, master
+    zero2                4       4        8            (4)       grads, moments, master
+    zero3 / fsdp         4       4        8            (4)       everything
+    ... with PRECISION=bf16/fp16: DeepSpeed holds 2-byte params and grads plus an fp32
+    master copy (2 + 2 + 12); DDP and FSDP keep fp32 parameters and autocast (4 + 4 + 8).
+
+DeepSpeed always keeps its own fp32 master partition (``master``), even in fp32 training;
+DDP/FSDP step on the parameters themselves. The ``parameters``/``gradients``/``optimizer``
+columns are what train/loop.py measures per rank as ``held_bytes`` (optimizer = Adam
+moments), and ``make bench`` compares them with measured runs. Offload strategies hold the
+same bytes in CPU RAM instead (column ``offloaded``) and only working buffers on the GPU.
+
+``buffers`` are working memory that is not state: DDP's gradient buckets (a second copy of
+the gradients: accelerate leaves ``gradient_as_bucket_view`` off), DeepSpeed's reduce bucket
+(hidden² elements, set in train/distributed.py), and for ZeRO-3/FSDP the gathered full
+weights of the live layers (FSDP2 also keeps the root module - embeddings, head - gathered).
+
+Activations are an estimate for the sequence length and micro-batch, per token per decoder
+layer (Korthikanti et al. 2022 style, for a Llama block with SDPA attention)::
+
+    7·h + 2·kv·d + 4·I  elements  (+ H·T with eager attention: the saved softmax)
+      norm in/out x2, q, k, v, attention out, o_proj in; MLP gate, up, silu(gate), product
+
+stored in the compute dtype (4 bytes fp32, 2 bytes bf16/fp16), plus the logits: V·(4+4)
+bytes per token in fp32, V·(2+4+4) in 16-bit (the loss upcasts logits to fp32 and
+log-softmax keeps its output). With activation checkpointing (one checkpoint per decoder
+layer) each layer keeps only its input (h), and one layer is recomputed at a time.
+Treat activations as an estimate (within ~25% of saved-tensor bytes measured on CPU for the
+presets; the norms' fp32 internals and allocator rounding are not modelled).
+
+Fits = total <= usable = 0.9 x GPU memory - 1 GiB (CUDA context, NCCL buffers, allocator
+fragmentation). The recommendation is the first that fits in this order of cost: no
+recomputation before recomputation (activation checkpointing adds a forward pass, ~33% more
+FLOPs, that never overlaps), and within each, ddp < zero1 < zero2 < fsdp < zero3 (more
+communication, though it mostly overlaps), with CPU offload last (PCIe-bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, load_config
+from .strategies import GRADS, OPTIM, PARAMS, STRATEGIES, Strategy
+
+GiB = 2**30
+RESERVED_FRACTION, RESERVED_BYTES = 0.10, 1 * GiB
+COST_ORDER = ("ddp", "zero1", "zero2", "fsdp", "zero3", "fsdp-offload", "zero3-offload")
+DEFAULT_GPUS_PER_NODE, DEFAULT_GPU_MEMORY_GIB = 8, 80.0
+
+
+@dataclass
+class ModelShape:
+    name: str
+    model_type: str
+    params: int  # P, every parameter tensor once
+    matmul_params: int
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    layer_params: int  # one decoder layer
+    root_params: int  # everything outside the decoder layers (embeddings, head, final norm)
+
+
+@dataclass
+class Row:
+    strategy: str
+    parameters: int  # per rank, wherever it lives (the ZeRO formulas; what held_bytes measures)
+    gradients: int
+    optimizer: int  # Adam moments
+    master: int  # DeepSpeed's separate fp32 master copy
+    offloaded: int  # of the above, bytes in CPU RAM (offload strategies)
+    buffers: int  # on the GPU, not state
+    activations: int
+    activations_ckpt: int
+    gpu: int  # state on the GPU + buffers (no activations)
+    total: int  # gpu + activations
+    total_ckpt: int  # gpu + activations with activation checkpointing
+    fits: bool
+    fits_ckpt: bool
+
+
+@dataclass
+class Plan:
+    model: ModelShape
+    precision: str
+    seq_len: int
+    micro_batch: int
+    attn_implementation: str
+    gpus_per_node: int
+    nodes: int
+    world_size: int
+    gpu_memory: int
+    usable: int
+    rows: list[Row]
+    recommendation: dict | None  # {"strategy", "activation_checkpointing", "total"} or None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- the model -------------------------------------------------------------------------------
+def load_model_config(cfg: RunConfig):
+    """The transformers config for the run's model: a ``config.json`` file, a preset (with the
+    built-in tokenizer's vocabulary, as training uses), a local directory or a hub id."""
+    from .model import is_preset, load_tokenizer, model_config
+
+    name = cfg.model.name
+    path = Path(name)
+    if path.is_file():
+        from transformers import AutoConfig
+
+        try:
+            raw = json.loads(path.read_text())
+            return AutoConfig.for_model(raw.pop("model_type"), **raw)
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"model config {name!r} is not a transformers config.json ({type(e).__name__}: {e})") from None
+    vocab = len(load_tokenizer(cfg.model)) if is_preset(name) else None
+    return model_config(cfg.model, vocab)
+
+
+def model_shape(conf, name: str, trust_remote_code: bool = False) -> ModelShape:
+    from .flops import param_counts
+
+    for attr in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if getattr(conf, attr, None) is None:
+            raise ConfigError(f"model {name!r}: its config has no {attr}; the planner handles decoder-only "
+                              "transformers configs (Llama, Mistral, Qwen, Gemma, GPT-NeoX, ...)")
+    matmul, total = param_counts(conf, trust_remote_code)
+    h, L, H = conf.hidden_size, conf.num_hidden_layers, conf.num_attention_heads
+    kv = getattr(conf, "num_key_value_heads", None) or H
+    d = getattr(conf, "head_dim", None) or h // H
+    inter = getattr(conf, "intermediate_size", None) or 4 * h
+    vocab = conf.vocab_size
+    tied = bool(getattr(conf, "tie_word_embeddings", False))
+    root = vocab * h * (1 if tied else 2) + h  # embeddings (+ untied head) + final norm
+    layer = max(0, (total - root) // L)
+    return ModelShape(name, conf.model_type, total, matmul, L, h, H, kv, d, inter, vocab, layer, total - layer * L)
+
+
+# -- bytes ---------------------------------------------------------------------------------
+def _bytes_per_param(strategy: Strategy, precision: str) -> tuple[int, int, int, int]:
+    """(params, grads, Adam moments, separate fp32 master) bytes per parameter, unsharded."""
+    half = precision in ("bf16", "fp16")
+    if strategy.family == "deepspeed":
+        return (2, 2, 8, 4) if half else (4, 4, 8, 4)
+    return 4, 4, 8, 0  # DDP / FSDP: fp32 parameters, autocast for 16-bit compute
+
+
+def held_bytes(strategy: str | Strategy, params: int, world_size: int, precision: str = "no") -> dict[str, int]:
+    """Bytes one rank holds (on GPU or offloaded): the ZeRO paper's formulas for this strategy.
+
+    Keys: parameters, gradients, optimizer (Adam moments), master (DeepSpeed's fp32 copy).
+    ZeRO-1's gradients are counted in full: that is what it holds through the backward pass.
+    """
+    s = STRATEGIES[strategy] if isinstance(strategy, str) else strategy
+    p, g, m, master = _bytes_per_param(s, precision)
+    n = max(1, world_size)
+
+    def share(b: int, cat: str) -> int:
+        return -(-params * b // n) if cat in s.shards else params * b
+
+    return {PARAMS: share(p, PARAMS), GRADS: share(g, GRADS), OPTIM: share(m, OPTIM), "master": share(master, OPTIM)}
+
+
+def buffer_bytes(strategy: Strategy, shape: ModelShape, precision: str, reduce_bucket: int) -> int:
+    """Working memory on the GPU that is not training state (see the module docstring)."""
+    half = precision in ("bf16", "fp16")
+    compute = 2 if half else 4  # dtype weights are gathered in
+    p, g, _, _ = _bytes_per_param(strategy, precision)
+    if strategy.family == "ddp":
+        return shape.params * g  # gradient buckets: a second copy of the gradients
+    if strategy.family == "deepspeed" and strategy.zero_stage in (1, 2):
+        return reduce_bucket * g
+    biggest = max(shape.layer_params, shape.vocab * shape.hidden)
+    if strategy.family == "deepspeed":  # ZeRO-3: the module being run and the prefetched one
+        return 2 * biggest * compute + reduce_bucket * g
+    # FSDP2: root (embeddings, head) stays gathered for the step, plus current and prefetched
+    # layer, plus one layer's unsharded gradients before the reduce-scatter.
+    return (shape.root_params + 2 * shape.layer_params) * compute + shape.layer_params * g
+
+
+def activation_bytes(shape: ModelShape, precision: str, seq_len: int, micro_batch: int,
+                     checkpointing: bool, attn_implementation: str = "sdpa") -> int:
+    """Estimated activation memory of one micro-batch (see the module docstring)."""
+    half = precision in ("bf16", "fp16")
+    b = 2 if half else 4
+    h, kv, d, inter = shape.hidden, shape.kv_heads, shape.head_dim, shape.intermediate
+    per_layer = 7 * h + 2 * kv * d + 4 * inter
+    if attn_implementation == "eager":
+        per_layer += shape.heads * seq_len  # softmax probabilities, T per head per token
+    logits = shape.vocab * (10 if half else 8)
+    outside = 3 * h * b + logits  # embedding output, final norm in/out, logits and loss
+    if checkpointing:
+        per_token = shape.layers * h * b + per_layer * b + outside
+    else:
+        per_token = shape.layers * per_layer * b + outside
+    return int(per_token * seq_len * micro_batch)
+
+
+def _reduce_bucket(cfg: RunConfig, shape: ModelShape, world: int) -> int:
+    from .distributed import deepspeed_config
+
+    ds = deepspeed_config(STRATEGIES["zero2"], cfg, 1, world, shape.hidden, "cuda")
+    return int(ds["zero_optimization"]["reduce_bucket_size"])
+
+
+def make_plan(cfg: RunConfig, shape: ModelShape, gpus_per_node: int, nodes: int, gpu_memory: int) -> Plan:
+    world = gpus_per_node * nodes
+    precision, seq, mb = cfg.train.precision, cfg.data.seq_len, cfg.train.micro_batch
+    usable = int(gpu_memory * (1 - RESERVED_FRACTION) - RESERVED_BYTES)
+    bucket = _reduce_bucket(cfg, shape, world)
+    act = activation_bytes(shape, precision, seq, mb, False, cfg.model.attn_implementation)
+    act_ckpt = activation_bytes(shape, precision, seq, mb, True, cfg.model.attn_implementation)
+    rows = []
+    for name in COST_ORDER:
+        s = STRATEGIES[name]
+        held = held_bytes(s, shape.params, world, precision)
+        state = sum(held.values())
+        offloaded = state if s.offload else 0
+        buffers = buffer_bytes(s, shape, precision, bucket)
+        gpu = state - offloaded + buffers
+        rows.append(Row(name, held[PARAMS], held[GRADS], held[OPTIM], held["master"], offloaded, buffers,
+                        act, act_ckpt, gpu, gpu + act, gpu + act_ckpt, gpu + act <= usable, gpu + act_ckpt <= usable))
+    return Plan(shape, precision, seq, mb, cfg.model.attn_implementation, gpus_per_node, nodes, world, gpu_memory,
+                usable, rows, recommend(rows))
+
+
+def recommend(rows: list[Row]) -> dict | None:
+    """The cheapest (strategy, activation checkpointing) that fits, in the documented cost order."""
+    by_name = {r.strategy: r for r in rows}
+    on_gpu = [n for n in COST_ORDER if n in by_name and not STRATEGIES[n].offload]
+    offload = [n for n in COST_ORDER if n in by_name and STRATEGIES[n].offload]
+    for names in (on_gpu, offload):
+        for ckpt in (False, True):
+            for n in names:
+                r = by_name[n]
+                if (r.fits_ckpt if ckpt else r.fits):
+                    return {"strategy": n, "activation_checkpointing": ckpt,
+                            "total": r.total_ckpt if ckpt else r.total}
+    return None
+
+
+# -- output --------------------------------------------------------------------------------
+def human(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}" if n / size < 100 else f"{n / size:.0f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_plan(plan: Plan) -> str:
+    m = plan.model
+    lines = [
+        f"Memory plan for {m.name} ({m.model_type}): {m.params / 1e6:.4g}M parameters, {m.layers} layers, "
+        f"hidden {m.hidden}, {m.heads} heads ({m.kv_heads} kv), vocab {m.vocab}",
+        f"{plan.world_size} GPU(s) = {plan.nodes} node(s) x {plan.gpus_per_node}, {human(plan.gpu_memory)} each "
+        f"({human(plan.usable)} usable); precision {plan.precision}, micro_batch {plan.micro_batch} x seq_len "
+        f"{plan.seq_len}, attention {plan.attn_implementation}",
+        "",
+        "Per GPU. state = what each rank holds (Adam moments in optim, DeepSpeed's fp32 copy in master);",
+        "offload strategies keep it in CPU RAM. act = activations, +ckpt = with activation checkpointing.",
+        "",
+    ]
+    head = ("strategy", "params", "grads", "optim", "master", "CPU offload", "buffers", "act", "act+ckpt",
+            "total", "total+ckpt", "fits")
+    table = [head]
+    for r in plan.rows:
+        fits = "yes" if r.fits else ("with ckpt" if r.fits_ckpt else "no")
+        table.append((r.strategy, human(r.parameters), human(r.gradients), human(r.optimizer),
+                      human(r.master) if r.master else "-", human(r.offloaded) if r.offloaded else "-",
+                      human(r.buffers), human(r.activations), human(r.activations_ckpt), human(r.total),
+                      human(r.total_ckpt), fits))
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    lines.append("")
+    rec = plan.recommendation
+    if rec is None:
+        best = min(plan.rows, key=lambda r: r.total_ckpt)
+        lines.append(f"Nothing fits: the smallest is {best.strategy} with activation checkpointing at "
+                     f"{human(best.total_ckpt)} per GPU (usable {human(plan.usable)}). Use more GPUs, a smaller "
+                     "MICRO_BATCH or SEQ_LEN (raise GRAD_ACCUM to keep the batch), or bf16.")
+    else:
+        ckpt = " with model.activation_checkpointing=true" if rec["activation_checkpointing"] else ""
+        lines.append(f"Recommended: STRATEGY={rec['strategy']}{ckpt}: {human(rec['total'])} of {human(plan.usable)} "
+                     "usable per GPU.")
+        row = next(r for r in plan.rows if r.strategy == rec["strategy"])
+        if row.offloaded:
+            lines.append(f"  It needs {human(row.offloaded * plan.gpus_per_node)} of CPU RAM per node for offloaded state.")
+    return "\n".join(lines)
+
+
+def _default_gpus() -> tuple[int, float, str]:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return torch.cuda.device_count(), props.total_memory / GiB, f"this node's {props.name}"
+    except Exception:  # noqa: BLE001 - a broken CUDA install just means "use the defaults"
+        pass
+    return DEFAULT_GPUS_PER_NODE, DEFAULT_GPU_MEMORY_GIB, "default"
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train plan", description=__doc__.split("\n\n")[0],
+                                     epilog="Other arguments are run-config overrides: MODEL=... SEQ_LEN=... "
+                                            "MICRO_BATCH=... PRECISION=bf16 model.attn_implementation=eager")
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: visible GPUs, else 8)")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (default: this GPU's, else 80)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args, rest = parser.parse_known_args(argv)
+    cfg = load_config(rest)
+    gpus, mem, source = _default_gpus()
+    gpus = args.gpus_per_node or gpus
+    mem = args.gpu_memory or mem
+    if gpus < 1 or args.nodes < 1 or mem <= 0:
+        raise ConfigError("--gpus-per-node and --nodes must be >= 1 and --gpu-memory (GiB) > 0")
+    conf = load_model_config(cfg)
+    shape = model_shape(conf, cfg.model.name, cfg.model.trust_remote_code)
+    plan = make_plan(cfg, shape, gpus, args.nodes, int(mem * GiB))
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        if args.gpus_per_node is None or args.gpu_memory is None:
+            print(f"(GPU count/memory not given: using {source} values; set --gpus-per-node, --gpu-memory)")
+        print(format_plan(plan))
+    os.sys.stdout.flush()
