@@ -102,3 +102,18 @@ def test_a_full_disk_during_save_fails_clearly_and_keeps_the_last_checkpoint(tmp
             check_files(read_manifest(c), c)
     finally:
         subprocess.run(["umount", "-l", str(ckpts)], check=False)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_resuming_on_another_world_size_continues_the_same_samples(strategy, tmp_path):
+    """ddp (full state) and fsdp (torch distributed checkpoint, resharded on load) resume from a
+    2-rank checkpoint on 1 rank; the global cursor keeps every step's samples the same."""
+    two = tmp_path / "two"
+    train(two, STRATEGY=strategy, **{**RUN, "KEEP_CHECKPOINTS": 4})
+    one = tmp_path / "one"
+    resumed = train(one, STRATEGY=strategy, NPROC=1, RESUME=str(two / "checkpoints" / "step_00000004"), **RUN)
+    assert "at step 4" in resumed.stdout
+    ref, got = read_metrics(two)[4:], read_metrics(one)
+    assert [r["step"] for r in got] == [5, 6, 7, 8]
+    assert [r["sample_hash"] for r in got] == [r["sample_hash"] for r in ref]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], abs=1e-4, rel=0)

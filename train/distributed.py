@@ -118,6 +118,7 @@ def build_accelerator(cfg: RunConfig, strategy: Strategy | None, grad_accum: int
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=log_dir),
         kwargs_handlers=[pg],
         step_scheduler_with_optimizer=False,
+        dynamo_backend="inductor" if cfg.model.compile else None,  # model.compile: torch.compile via accelerate
         **kwargs,
     )
 

@@ -28,18 +28,20 @@ the gradients: accelerate leaves ``gradient_as_bucket_view`` off), DeepSpeed's r
 (hidden² elements, set in train/distributed.py), and for ZeRO-3/FSDP the gathered full
 weights of the live layers (FSDP2 also keeps the root module - embeddings, head - gathered).
 
-Activations are an estimate for the sequence length and micro-batch, per token per decoder
-layer (Korthikanti et al. 2022 style, for a Llama block with SDPA attention)::
+Activations are an estimate for the sequence length and micro-batch (Korthikanti et al.
+2022 style, counted for a Llama block with SDPA attention and checked against the tensors
+autograd saves on CPU): per token per decoder layer
 
-    7·h + 2·kv·d + 4·I  elements  (+ H·T with eager attention: the saved softmax)
-      norm in/out x2, q, k, v, attention out, o_proj in; MLP gate, up, silu(gate), product
+    e · (7·h + 2·kv·d + 4·I)  +  16·h (16-bit only)        bytes
+      7h + 2kv·d: both norms' outputs, q, k, v, attention output, o_proj input, ...
+      4I: MLP gate, up, silu(gate), their product; + H·T with eager attention (softmax)
+      16h: in 16-bit the RMSNorms still keep fp32 internals (and autocast an fp32 residual)
 
-stored in the compute dtype (4 bytes fp32, 2 bytes bf16/fp16), plus the logits: V·(4+4)
-bytes per token in fp32, V·(2+4+4) in 16-bit (the loss upcasts logits to fp32 and
-log-softmax keeps its output). With activation checkpointing (one checkpoint per decoder
-layer) each layer keeps only its input (h), and one layer is recomputed at a time.
-Treat activations as an estimate (within ~25% of saved-tensor bytes measured on CPU for the
-presets; the norms' fp32 internals and allocator rounding are not modelled).
+with e = 4 bytes in fp32 and 2 in bf16/fp16, plus V·(8 or 10) bytes per token around the
+loss (logits, their fp32 copy, log-softmax output) and the embedding/final-norm outputs.
+With activation checkpointing (one checkpoint per decoder layer) each layer keeps only its
+input (h) and one layer at a time is recomputed. DDP with 16-bit autocast also caches a
+16-bit copy of every matmul weight during the step (2·N bytes, counted in ``buffers``).
 
 Fits = total <= usable = 0.9 x GPU memory - 1 GiB (CUDA context, NCCL buffers, allocator
 fragmentation). The recommendation is the first that fits in this order of cost: no
@@ -52,7 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -187,17 +189,17 @@ def buffer_bytes(strategy: Strategy, shape: ModelShape, precision: str, reduce_b
     """Working memory on the GPU that is not training state (see the module docstring)."""
     half = precision in ("bf16", "fp16")
     compute = 2 if half else 4  # dtype weights are gathered in
-    p, g, _, _ = _bytes_per_param(strategy, precision)
-    if strategy.family == "ddp":
-        return shape.params * g  # gradient buckets: a second copy of the gradients
+    _, g, _, _ = _bytes_per_param(strategy, precision)
+    if strategy.family == "ddp":  # gradient buckets (a second copy of the gradients); autocast's weight cache
+        return shape.params * g + (shape.matmul_params * 2 if half else 0)
     if strategy.family == "deepspeed" and strategy.zero_stage in (1, 2):
         return reduce_bucket * g
     biggest = max(shape.layer_params, shape.vocab * shape.hidden)
     if strategy.family == "deepspeed":  # ZeRO-3: the module being run and the prefetched one
         return 2 * biggest * compute + reduce_bucket * g
     # FSDP2: root (embeddings, head) stays gathered for the step, plus current and prefetched
-    # layer, plus one layer's unsharded gradients before the reduce-scatter.
-    return (shape.root_params + 2 * shape.layer_params) * compute + shape.layer_params * g
+    # layer, plus one layer's unsharded gradients before the reduce-scatter (all in param_dtype).
+    return (shape.root_params + 3 * shape.layer_params) * compute
 
 
 def activation_bytes(shape: ModelShape, precision: str, seq_len: int, micro_batch: int,
@@ -209,12 +211,12 @@ def activation_bytes(shape: ModelShape, precision: str, seq_len: int, micro_batc
     per_layer = 7 * h + 2 * kv * d + 4 * inter
     if attn_implementation == "eager":
         per_layer += shape.heads * seq_len  # softmax probabilities, T per head per token
-    logits = shape.vocab * (10 if half else 8)
-    outside = 3 * h * b + logits  # embedding output, final norm in/out, logits and loss
+    layer = per_layer * b + (16 * h if half else 0)
+    outside = 3 * h * b + shape.vocab * (10 if half else 8)  # embedding, final norm, logits and loss
     if checkpointing:
-        per_token = shape.layers * h * b + per_layer * b + outside
+        per_token = shape.layers * h * b + layer + outside
     else:
-        per_token = shape.layers * per_layer * b + outside
+        per_token = shape.layers * layer + outside
     return int(per_token * seq_len * micro_batch)
 
 
@@ -228,7 +230,7 @@ def _reduce_bucket(cfg: RunConfig, shape: ModelShape, world: int) -> int:
 def make_plan(cfg: RunConfig, shape: ModelShape, gpus_per_node: int, nodes: int, gpu_memory: int) -> Plan:
     world = gpus_per_node * nodes
     precision, seq, mb = cfg.train.precision, cfg.data.seq_len, cfg.train.micro_batch
-    usable = int(gpu_memory * (1 - RESERVED_FRACTION) - RESERVED_BYTES)
+    usable = max(0, int(gpu_memory * (1 - RESERVED_FRACTION) - RESERVED_BYTES))
     bucket = _reduce_bucket(cfg, shape, world)
     act = activation_bytes(shape, precision, seq, mb, False, cfg.model.attn_implementation)
     act_ckpt = activation_bytes(shape, precision, seq, mb, True, cfg.model.attn_implementation)
@@ -347,4 +349,4 @@ def main(argv: list[str]) -> None:
         if args.gpus_per_node is None or args.gpu_memory is None:
             print(f"(GPU count/memory not given: using {source} values; set --gpus-per-node, --gpu-memory)")
         print(format_plan(plan))
-    os.sys.stdout.flush()
+    sys.stdout.flush()
