@@ -108,10 +108,11 @@ def test_a_full_disk_during_save_fails_clearly_and_keeps_the_last_checkpoint(tmp
 def test_resuming_on_another_world_size_continues_the_same_samples(strategy, tmp_path):
     """ddp (full state) and fsdp (torch distributed checkpoint, resharded on load) resume from a
     2-rank checkpoint on 1 rank; the global cursor keeps every step's samples the same."""
+    fixed = {**RUN, "KEEP_CHECKPOINTS": 4, "GLOBAL_BATCH": 8}  # 2 ranks x 4, then 1 rank x 4 x 2 accumulated
     two = tmp_path / "two"
-    train(two, STRATEGY=strategy, **{**RUN, "KEEP_CHECKPOINTS": 4})
+    train(two, STRATEGY=strategy, **fixed)
     one = tmp_path / "one"
-    resumed = train(one, STRATEGY=strategy, NPROC=1, RESUME=str(two / "checkpoints" / "step_00000004"), **RUN)
+    resumed = train(one, STRATEGY=strategy, NPROC=1, RESUME=str(two / "checkpoints" / "step_00000004"), **fixed)
     assert "at step 4" in resumed.stdout
     ref, got = read_metrics(two)[4:], read_metrics(one)
     assert [r["step"] for r in got] == [5, 6, 7, 8]
