@@ -36,7 +36,11 @@ case ${1:-} in
     install_tools
     "$ENGINE" start
     "$ENGINE" base ;;
-  stop) "$ENGINE" stop ;;
+  stop)
+    # Old builds' untagged images would pile up in the kept data root; layer caches stay.
+    eval "$("$ENGINE" env)"
+    /usr/bin/docker image prune -f >/dev/null 2>&1 || true
+    "$ENGINE" stop ;;
   env)
     "$ENGINE" env
     echo "export DOCKER=/usr/bin/docker TRAINER_LOCAL_BASE=${LOCAL_BASE:-localbase:bookworm}"

@@ -15,8 +15,8 @@ else
 fi
 echo "== DeepSpeed ops (ds_report)"
 ds_report 2>&1 | sed -n '/^op name/,/^DeepSpeed general environment info/p'
-echo "   JIT-built, cached in TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-unset}:"
-ls "${TORCH_EXTENSIONS_DIR:-/nonexistent}"/*/ 2>/dev/null | sed 's/^/     /'
+echo "JIT-built ops cached in TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-unset}:"
+ls "${TORCH_EXTENSIONS_DIR:-/nonexistent}"/*/*.so 2>/dev/null | sed 's/^/  /' || echo "  none"
 echo "== limits NCCL cares about"
 echo "/dev/shm       $(df -h /dev/shm | awk 'NR==2 {print $2}')  (Docker's default 64M is too small: use ipc: host or shm_size)"
 echo "memlock        $(ulimit -l)  (unlimited wanted for InfiniBand/RDMA)"
