@@ -21,6 +21,7 @@ from .checkpoint import Checkpointer, TrainState, export_final, find_resume
 from .config import RunConfig, dump_yaml, resolve_batch
 from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, build_accelerator, check_engaged,
                           check_sharded, resolve_device)
+from .flops import device_peak_flops, flops_per_token, mfu
 from .metrics import MetricsLog, StepTimer, peak_memory_mb
 from .model import build_model, is_preset, load_tokenizer, model_config
 from .preemption import EXIT_PREEMPTED, StopSignal
@@ -132,6 +133,9 @@ def train(cfg: RunConfig) -> int:
     log = MetricsLog(acc, cfg.output_dir, cfg.train.max_steps, state.step, cfg.log.progress)
     probe = HeldBytesProbe(model, optimizer)
     tokens_per_step = global_batch * cfg.data.seq_len
+    # MFU: model FLOPs per token (train/flops.py) against the device's peak; None on CPU/unknown GPUs.
+    flops_token = flops_per_token(mconf, cfg.data.seq_len)
+    peak = device_peak_flops(acc.device, cfg.train.precision)
 
     W, A = acc.num_processes, grad_accum
     timer = StepTimer(acc.device)
@@ -173,6 +177,8 @@ def train(cfg: RunConfig) -> int:
                           "step_time_s": dt / window_steps, "peak_memory_mb": peak_memory_mb(acc.device),
                           "epoch": state.epoch, "tokens_seen": state.tokens_seen,
                           "sample_hash": int(acc.reduce(window_hash, "sum").item())}
+                if peak is not None:
+                    record["mfu"] = mfu(record["tokens_per_second_per_device"], flops_token, peak)
                 if probe.last is not None:
                     record["held_bytes"] = probe.last.as_dict()
                 if not math.isfinite(loss):
