@@ -23,8 +23,17 @@ ENV_FILE ?= $(if $(wildcard .env),.env,.env.example)
 # Versions come from constraints.txt, the one pinned set; the image labels record them.
 _IMG_VERSIONS = --build-arg TORCH_VERSION=$(shell sed -n 's/^torch==//p' constraints.txt) \
   --build-arg DEEPSPEED_VERSION=$(shell sed -n 's/^deepspeed==//p' constraints.txt)
+# Run settings given to make (`make compose-up STRATEGY=zero2`, or exported) win over the env
+# file, as they do for `make train`: they are appended to a copy of it, build/compose.env.
+_RUN_SET = $(strip $(foreach v,$(RUN_VARS),$(if $($(v)),$(v))))
+_RUN_ENV_FILE = $(if $(_RUN_SET),build/compose.env,$(ENV_FILE))
 _COMPOSE_ENV = TRAINER_IMAGE=$(TRAINER_IMAGE) TRAINER_TAG=$(TRAINER_TAG) \
-  TRAINER_ENV_FILE=$(abspath $(ENV_FILE))
+  TRAINER_ENV_FILE=$(abspath $(_RUN_ENV_FILE))
+define _write_run_env
+	@echo "settings: $(ENV_FILE)$(if $(_RUN_SET), + $(foreach v,$(_RUN_SET),$(v)=$($(v))))"
+	$(if $(_RUN_SET),@mkdir -p build && { cat $(ENV_FILE); echo; \
+	  $(foreach v,$(_RUN_SET),printf '%s=%s\n' '$(v)' '$($(v))';) } > build/compose.env)
+endef
 _COMPOSE_GPU = $(_COMPOSE_ENV) $(COMPOSE) --env-file $(ENV_FILE) -f compose/compose.yaml
 _COMPOSE_CPU = $(_COMPOSE_GPU) -f compose/compose.cpu.yaml
 
@@ -47,12 +56,12 @@ docker-image-cpu: ## Build the CPU image (TRAINER_IMAGE:TRAINER_TAG-cpu); TORCH_
 docker-images: docker-image-cuda docker-image-cpu ## Build both images
 
 compose-up: docker-image-cuda ## Train on all GPUs of this machine (settings: .env), TensorBoard on :6006
-	@echo "settings: $(ENV_FILE)"
+	$(_write_run_env)
 	$(_COMPOSE_GPU) up --no-build --detach tensorboard
 	$(_COMPOSE_GPU) up --no-build --exit-code-from trainer trainer
 
 compose-cpu-up: docker-image-cpu ## The same stack on a machine without GPUs
-	@echo "settings: $(ENV_FILE)"
+	$(_write_run_env)
 	$(_COMPOSE_CPU) up --no-build --detach tensorboard
 	$(_COMPOSE_CPU) up --no-build --exit-code-from trainer trainer
 
@@ -60,9 +69,11 @@ compose-down: ## Stop the stack (outputs and HF cache volumes are kept; `docker 
 	$(_COMPOSE_GPU) down --remove-orphans
 
 docker-env: ## What the CUDA container sees: versions, GPUs, NCCL, DeepSpeed ops, shm/ulimits
+	$(_write_run_env)
 	$(_COMPOSE_GPU) run --rm --no-deps --entrypoint print-env trainer
 
 docker-cpu-env: ## The same for the CPU container
+	$(_write_run_env)
 	$(_COMPOSE_CPU) run --rm --no-deps --entrypoint print-env trainer
 
 docker-lint: $(STAMP) ## hadolint, compose config of every file combination, consistency checks

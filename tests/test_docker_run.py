@@ -126,14 +126,15 @@ def image(docker, local_base, report) -> str:
 def trained(docker, local_base, image, tmp_path_factory, report):
     """One real job: `make compose-cpu-up` with a small model, 2 ranks, ddp over gloo."""
     env_file = tmp_path_factory.mktemp("compose") / "ci.env"
-    settings = {**env_example(), "STRATEGY": "ddp", "NPROC": "2", "MAX_STEPS": str(STEPS), "LOG_EVERY": "1",
+    # MAX_STEPS in the file is overridden on make's command line, as with `make train`.
+    settings = {**env_example(), "STRATEGY": "ddp", "NPROC": "2", "MAX_STEPS": str(STEPS - 1), "LOG_EVERY": "1",
                 "CHECKPOINT_EVERY": "2", "MODEL": "llama-debug", "SEQ_LEN": "32", "MICRO_BATCH": "4",
                 "RUN_NAME": RUN_NAME, "TENSORBOARD_PORT": str(free_port())}
     env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     project = {"COMPOSE_PROJECT_NAME": PROJECT}
     t0 = time.monotonic()
     try:
-        up = sh(["make", "--no-print-directory", "compose-cpu-up", f"ENV_FILE={env_file}",
+        up = sh(["make", "--no-print-directory", "compose-cpu-up", f"ENV_FILE={env_file}", f"MAX_STEPS={STEPS}",
                  *make_vars(docker, local_base)], BUILD_TIMEOUT + RUN_TIMEOUT, env=project, check=False)
         report(f"compose-cpu-up ({STEPS} steps, 2 ranks) took {time.monotonic() - t0:.0f} s, exit {up.returncode}")
         yield {"up": up, "env_file": env_file, "settings": settings, "project": project}
@@ -172,7 +173,7 @@ def test_compose_cpu_stack_trains_and_exports_the_model_as_non_root(docker, trai
     owners = {uid for uid, _ in files.values()}
     assert owners == {1000}, f"outputs must be written by the image's non-root user (uid 1000), got {owners}"
     steps = [r["step"] for r in metrics if "loss" in r]
-    assert steps and max(steps) == STEPS, f"metrics.jsonl steps: {steps}"
+    assert steps and max(steps) == STEPS, f"metrics.jsonl steps: {steps} (make's MAX_STEPS={STEPS} must win)"
     assert any(k.startswith("checkpoints/") for k in files), "CHECKPOINT_EVERY=2 wrote no checkpoint"
 
 
