@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -104,3 +105,15 @@ def test_strategy_files_and_table_agree():
         assert re.search(rf"distributed_type: {s.distributed_type}\b", text), s.name
         if s.deepspeed_config is not None:
             assert s.deepspeed_config.is_file() and str(s.deepspeed_config.relative_to(REPO)) in text
+
+
+def test_dotenv_also_exports_non_config_variables_like_hf_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("NCCL_DEBUG", "WARN")
+    (tmp_path / ".env").write_text("HF_TOKEN=hf_secret\nNCCL_DEBUG=INFO\nMAX_STEPS=7\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config([])
+    assert cfg.train.max_steps == 7
+    assert os.environ["HF_TOKEN"] == "hf_secret"  # what transformers and the workers read
+    assert os.environ["NCCL_DEBUG"] == "WARN"  # the real environment wins
+    monkeypatch.delenv("HF_TOKEN")

@@ -266,15 +266,20 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
 
 def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = None, dotenv_path: str | None = ".env") -> RunConfig:
     """Resolve the run configuration. Pure apart from reading the YAML and `.env` files."""
-    env = dict(os.environ if env is None else env)
     from_dotenv: set[str] = set()
     if dotenv_path and Path(dotenv_path).is_file():
-        from dotenv import dotenv_values
+        from dotenv import dotenv_values, load_dotenv
 
-        for k, v in dotenv_values(dotenv_path).items():  # the real environment wins over .env
-            if v is not None and k not in env:
-                env[k] = v
-                from_dotenv.add(k)
+        values = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
+        if env is None:
+            # The real run: .env also carries variables that are not config keys (HF_TOKEN,
+            # NCCL_*), which the libraries and the workers read from the process environment.
+            from_dotenv = {k for k in values if k not in os.environ}
+            load_dotenv(dotenv_path, override=False)  # the real environment wins over .env
+        else:
+            from_dotenv = {k for k in values if k not in env}
+            env = {**values, **env}
+    env = dict(os.environ if env is None else env)
     overrides = parse_overrides(args or [])
     # Short names (STRATEGY=zero2) on the command line act like the environment.
     for k in [k for k in overrides if k in ENV_VARS or k == CONFIG_ENV]:
