@@ -91,27 +91,35 @@ def param_counts(config, trust_remote_code: bool = False) -> tuple[int, int]:
     """(matmul parameters N, total parameters P) of the causal LM the transformers ``config``
     describes, counted on a meta-device model: exact for any architecture, no memory, no download.
 
-    A tied output head counts once in P (one tensor) but in N as the matmul it is.
+    A tied output head counts once in P (one tensor) but in N as the matmul it is. The model
+    class is instantiated directly (not ``from_config``), so a live DeepSpeed ZeRO-3 config
+    cannot wrap the count in ``zero.Init``.
     """
     key = config.to_json_string(use_diff=False)
     if key not in _COUNTS:
         import torch
         from transformers import AutoModelForCausalLM
 
+        mapping = AutoModelForCausalLM._model_mapping
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            if type(config) in mapping:
+                from transformers.models.auto.auto_factory import _get_model_class
+
+                model = _get_model_class(config, mapping)(config)
+            else:  # remote code
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         _COUNTS[key] = (linear, sum(p.numel() for p in model.parameters()))
     return _COUNTS[key]
 
 
-def flops_per_token(config, seq_len: int) -> float:
+def flops_per_token(config, seq_len: int, trust_remote_code: bool = False) -> float:
     """Training FLOPs per token, 6·N + 12·L·H·Q·T (PaLM, Appendix B; torchtitan's formula).
 
     N: matmul parameters (``param_counts``), L: num_hidden_layers, H: num_attention_heads,
     Q: head_dim (hidden_size // H unless the config sets head_dim), T: ``seq_len``.
     """
-    n_matmul, _ = param_counts(config)
+    n_matmul, _ = param_counts(config, trust_remote_code)
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return 6.0 * n_matmul + 12.0 * layers * heads * head_dim * seq_len

@@ -302,7 +302,8 @@ def format_plan(plan: Plan) -> str:
         best = min(plan.rows, key=lambda r: r.total_ckpt)
         lines.append(f"Nothing fits: the smallest is {best.strategy} with activation checkpointing at "
                      f"{human(best.total_ckpt)} per GPU (usable {human(plan.usable)}). Use more GPUs, a smaller "
-                     "MICRO_BATCH or SEQ_LEN (raise GRAD_ACCUM to keep the batch), or bf16.")
+                     "MICRO_BATCH or SEQ_LEN (raise GRAD_ACCUM to keep the batch)"
+                     + (", or PRECISION=bf16." if plan.precision == "no" else "."))
     else:
         ckpt = " with model.activation_checkpointing=true" if rec["activation_checkpointing"] else ""
         lines.append(f"Recommended: STRATEGY={rec['strategy']}{ckpt}: {human(rec['total'])} of {human(plan.usable)} "
