@@ -537,7 +537,7 @@ def render_markdown(rep: dict) -> str:
             if c is None:
                 cells += ["n/a", "n/a"]
                 continue
-            mark = "" if c["within"] else " ✗"
+            mark = "" if c["within"] or c["exempt"] else " ✗"
             note = " ¹" if (r["strategy"] == "zero1" and cat == GRADS) else ""
             cells += [f"{_mb(c['measured'])} / {_mb(c['formula'])}{note}", f"{c['ratio']:.3f}{mark}"]
         cells.append(_mb(r.get("master_formula")) if r.get("master_formula") else "-")
@@ -574,9 +574,9 @@ def render_markdown(rep: dict) -> str:
     rows = [[t["target"], t["value"], "met" if t["met"] else ("not met" if t["met"] is False else "n/a"), t["note"]]
             for t in rep["targets"]]
     L += _md_table(["target", "measured", "status", "note"], rows)
-    L += ["", "What is timed: wall time between the ends of consecutive optimizer steps, with a host sync every "
-              "step (LOG_EVERY=1 / `loss.item()` / `logging_steps=1`), burn-in steps excluded. See "
-              "bench-results/README.md.", ""]
+    L += ["", "What is timed: wall and process CPU time between the ends of consecutive optimizer steps, with a "
+              "host sync every step (LOG_EVERY=1 / `loss.item()` / `logging_steps=1`), burn-in steps excluded. "
+              "See bench-results/README.md.", ""]
     return "\n".join(L)
 
 
