@@ -8,11 +8,12 @@ PY := $(VENV)/bin/python
 # DeepSpeed JIT-builds its CPU ops (shared-memory comm, CPU Adam) once; keep them with the venv.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-# Run settings are passed to the package as environment variables (unset = the run file's
-# value). The names are train/config.py's ENV_VARS: `make keys` prints every key with its
-# default, and the same names work in `.env`, compose and the Kubernetes manifests.
+# Run settings reach the package as environment variables: make exports variables given on its
+# command line (`make train STRATEGY=zero2`) by itself. They are not exported here on purpose:
+# an exported unset variable arrives as an empty string and would hide the value in `.env`.
+# The names are train/config.py's ENV_VARS (`make keys` prints every key with its default);
+# the same names work in `.env`, compose and the Kubernetes manifests.
 RUN_VARS := CONFIG $(shell sed -n 's/^    "\([A-Z_]*\)": "[a-z_.]*",$$/\1/p' train/config.py)
-export $(RUN_VARS)
 
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=

@@ -116,4 +116,29 @@ def test_dotenv_also_exports_non_config_variables_like_hf_token(tmp_path, monkey
     assert cfg.train.max_steps == 7
     assert os.environ["HF_TOKEN"] == "hf_secret"  # what transformers and the workers read
     assert os.environ["NCCL_DEBUG"] == "WARN"  # the real environment wins
-    monkeypatch.delenv("HF_TOKEN")
+    for k in ("HF_TOKEN", "MAX_STEPS"):  # set by load_config itself, so monkeypatch would not undo them
+        os.environ.pop(k, None)
+
+
+def test_empty_environment_variables_do_not_hide_dotenv(tmp_path):
+    (tmp_path / ".env").write_text("MAX_STEPS=9\n")
+    assert load(env={"MAX_STEPS": ""}, dotenv=str(tmp_path / ".env")).train.max_steps == 9
+
+
+def test_make_passes_command_line_settings_and_keeps_dotenv(tmp_path):
+    """`make` must not export unset run settings as empty strings: they would hide `.env`."""
+    import subprocess
+    import time
+
+    (tmp_path / ".env").write_text("MAX_STEPS=9\nSEED=5\n")
+    for f in ("constraints.txt", "pyproject.toml"):  # the venv stamp's prerequisites, older than it
+        (tmp_path / f).write_text("")
+    time.sleep(0.01)
+    (tmp_path / "stamp").write_text("")
+    out = subprocess.run(["make", "-s", "-f", str(REPO / "Makefile"), "config", "SEED=6",
+                          f"VENV={REPO / '.venv'}", f"STAMP={tmp_path / 'stamp'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k not in ENV_VARS})
+    assert out.returncode == 0, out.stderr
+    assert "max_steps: 9" in out.stdout  # from .env
+    assert "seed: 6" in out.stdout  # the make command line wins over .env

@@ -268,17 +268,19 @@ def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = N
     """Resolve the run configuration. Pure apart from reading the YAML and `.env` files."""
     from_dotenv: set[str] = set()
     if dotenv_path and Path(dotenv_path).is_file():
-        from dotenv import dotenv_values, load_dotenv
+        from dotenv import dotenv_values
 
         values = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
+        # An empty variable counts as unset (make and compose pass unset ones as ""), so it
+        # does not hide the .env value; a non-empty real environment variable wins over .env.
+        target = os.environ if env is None else env
+        from_dotenv = {k for k in values if not target.get(k)}
         if env is None:
             # The real run: .env also carries variables that are not config keys (HF_TOKEN,
             # NCCL_*), which the libraries and the workers read from the process environment.
-            from_dotenv = {k for k in values if k not in os.environ}
-            load_dotenv(dotenv_path, override=False)  # the real environment wins over .env
+            os.environ.update({k: values[k] for k in from_dotenv})
         else:
-            from_dotenv = {k for k in values if k not in env}
-            env = {**values, **env}
+            env = {**env, **{k: values[k] for k in from_dotenv}}
     env = dict(os.environ if env is None else env)
     overrides = parse_overrides(args or [])
     # Short names (STRATEGY=zero2) on the command line act like the environment.
