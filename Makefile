@@ -13,7 +13,8 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 # an exported unset variable arrives as an empty string and would hide the value in `.env`.
 # The names are train/config.py's ENV_VARS (`make keys` prints every key with its default);
 # the same names work in `.env`, compose and the Kubernetes manifests.
-RUN_VARS := CONFIG $(shell sed -n 's/^    "\([A-Z_]*\)": "[a-z_.]*",$$/\1/p' train/config.py)
+HERE := $(dir $(firstword $(MAKEFILE_LIST)))
+RUN_VARS := CONFIG $(shell sed -n 's/^    "\([A-Z_]*\)": "[a-z_.]*",$$/\1/p' $(HERE)train/config.py)
 
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
@@ -38,7 +39,7 @@ help: ## Show targets and run settings
 	@echo
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 	@echo
-	@echo "Strategies: $$(ls configs/strategies | sed 's/\.yaml$$//' | tr '\n' ' ')"
+	@echo "Strategies: $$(ls $(HERE)configs/strategies | sed 's/\.yaml$$//' | tr '\n' ' ')"
 	@echo "Run settings (environment / .env / make variables): $(RUN_VARS)"
 	@echo "Every config key: make keys"
 
