@@ -149,7 +149,7 @@ def train(cfg: RunConfig) -> int:
         batches = iter(loader)
         for _ in range(sampler.steps_per_epoch - state.samples_in_epoch // global_batch):
             micro = [next(batches) for _ in range(A)]
-            probe.reset()
+            probe.reset(armed=state.step == 0 or (state.step + 1) % cfg.log.every == 0)  # step 1 and log steps
             window_loss += forward_backward(model, micro, acc)
             for b in micro:
                 window_hash += sample_hash(b["index"])
