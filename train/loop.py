@@ -134,7 +134,7 @@ def train(cfg: RunConfig) -> int:
     probe = HeldBytesProbe(model, optimizer)
     tokens_per_step = global_batch * cfg.data.seq_len
     # MFU: model FLOPs per token (train/flops.py) against the device's peak; None on CPU/unknown GPUs.
-    flops_token = flops_per_token(mconf, cfg.data.seq_len)
+    flops_token = flops_per_token(mconf, cfg.data.seq_len, trust_remote_code=cfg.model.trust_remote_code)
     peak = device_peak_flops(acc.device, cfg.train.precision)
 
     W, A = acc.num_processes, grad_accum
@@ -188,15 +188,12 @@ def train(cfg: RunConfig) -> int:
                 window_steps = 0
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
                 log.log({"step": state.step, **evaluate(model, evals, acc, cfg.train.eval_batches)})
-            if stop.agreed():
-                stopped = True
-            elif state.step >= cfg.train.max_steps:
-                pass
-            elif cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+            stopped = stop.agreed()
+            if stopped or state.step >= cfg.train.max_steps:
+                break  # the checkpoint after the loop covers both
+            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
                 ckpt.save(state, config_yaml)
                 last_saved = state.step
-            if stopped or state.step >= cfg.train.max_steps:
-                break
         if state.samples_in_epoch >= sampler.steps_per_epoch * global_batch:
             state.epoch, state.samples_in_epoch = state.epoch + 1, 0
 
