@@ -276,6 +276,20 @@ def _start_job(cluster: Cluster, net: PodNetwork | None, tmp: Path, master_delay
     return [pods[i] for i in range(cluster.n)]
 
 
+def _run_job_to_success(cluster: Cluster, net: PodNetwork | None, tmp: Path, what: str = "job",
+                        **start) -> tuple[list[Pod], str]:
+    """Start every pod, wait for all to exit, assert they all succeeded; (pods, their log tails)."""
+    pods = _start_job(cluster, net, tmp, **start)
+    try:
+        codes = _wait_all(pods, RUN_TIMEOUT_S)
+        logs = "\n".join(f"--- pod {i} ---\n{p.tail()}" for i, p in enumerate(pods))
+        assert codes == [0] * cluster.n, f"{what}: exit codes {codes}\n{logs}"
+    finally:
+        for p in pods:
+            p.kill()
+    return pods, logs
+
+
 @pytest.fixture
 def cluster(tmp_path):
     return Cluster(tmp_path / "cluster")
@@ -292,14 +306,7 @@ def net(cluster):
 
 # -- tests ------------------------------------------------------------------------------------
 def test_two_pods_train_as_one_job_with_the_losses_of_one_node_two_processes(cluster, net, tmp_path):
-    pods = _start_job(cluster, net, tmp_path, master_delay_s=3.0, MAX_STEPS=str(STEPS), LOG_EVERY="1")
-    try:
-        codes = _wait_all(pods, RUN_TIMEOUT_S)
-        logs = "\n".join(f"--- pod {i} ---\n{p.tail()}" for i, p in enumerate(pods))
-        assert codes == [0] * cluster.n, f"exit codes {codes}\n{logs}"
-    finally:
-        for p in pods:
-            p.kill()
+    pods, logs = _run_job_to_success(cluster, net, tmp_path, master_delay_s=3.0, MAX_STEPS=str(STEPS), LOG_EVERY="1")
     two_nodes = _losses(cluster.output_dir())
     assert [s for s, _ in two_nodes] == list(range(1, STEPS + 1)), two_nodes
     pod0 = pods[0].log.read_text(errors="replace")
@@ -392,14 +399,7 @@ def test_sigterm_saves_a_checkpoint_within_the_grace_period_and_a_resubmit_resum
     print(f"SIGTERM: all pods exited {codes} in {elapsed:.1f} s with a checkpoint at step {step}")
 
     (tmp_path / "again").mkdir()
-    pods = _start_job(cluster, net, tmp_path / "again", **run)
-    try:
-        codes = _wait_all(pods, RUN_TIMEOUT_S)
-        logs = "\n".join(f"--- pod {i} ---\n{p.tail()}" for i, p in enumerate(pods))
-        assert codes == [0] * cluster.n, f"resubmitted job: exit codes {codes}\n{logs}"
-    finally:
-        for p in pods:
-            p.kill()
+    pods, logs = _run_job_to_success(cluster, net, tmp_path / "again", "resubmitted job", **run)
     assert f"at step {step}" in pods[0].log.read_text(errors="replace"), logs
     final = [json.loads(m.read_text())["step"] for m in (cluster.output_dir() / "checkpoints").glob("step_*/manifest.json")]
     assert steps in final, f"the resumed run did not reach step {steps}: checkpoints at {final}\n{logs}"
