@@ -91,14 +91,7 @@ def test_sharded_strategies_hold_half_of_what_ddp_holds(strategy, runs):
         assert ours[GRADS] / ddp[GRADS] == pytest.approx(0.5, abs=0.05)
 
 
-ZERO3_OFFLOAD_RESUME = pytest.mark.xfail(strict=True, reason=(
-    "known gap: after DeepSpeed 0.19.8 loads a ZeRO-3 offload checkpoint, the first update matches "
-    "and the second does not (loss 5.676 vs 5.714 at step 7); optimizer-state handling inside "
-    "DeepSpeed's offload path, not our data/RNG/scheduler restore, which every other strategy passes"))
-
-
-@pytest.mark.parametrize("strategy", [pytest.param(s, marks=ZERO3_OFFLOAD_RESUME) if s == "zero3-offload" else s
-                                      for s in CPU_STRATEGIES])
+@pytest.mark.parametrize("strategy", CPU_STRATEGIES)
 def test_kill_9_then_resume_continues_the_exact_curve(strategy, runs, tmp_path):
     """SIGKILL the whole job at a step chosen from the strategy name; resuming must give the
     uninterrupted run's losses and consume the same samples at every step (bitwise in fp32)."""

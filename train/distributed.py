@@ -173,6 +173,20 @@ def innermost_optimizer(optimizer):
     return next(o for o in reversed(chain) if isinstance(o, torch.optim.Optimizer))
 
 
+def align_scheduler(scheduler, optimizer) -> None:
+    """Point the LR scheduler at the optimizer that really steps.
+
+    For ZeRO offload accelerate swaps our AdamW for DeepSpeedCPUAdam but leaves the scheduler
+    on the AdamW: the two share parameter-group dicts, so the LR still reaches the new
+    optimizer, until a checkpoint load gives it new group dicts and the LR silently freezes
+    (found by the kill -9/resume test: losses drifted from the second step after a resume).
+    """
+    inner = innermost_optimizer(optimizer)
+    sched = getattr(scheduler, "scheduler", scheduler)
+    if getattr(sched, "optimizer", inner) is not inner:
+        sched.optimizer = inner
+
+
 @dataclass
 class HeldBytes:
     parameters: int = 0

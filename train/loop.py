@@ -19,8 +19,8 @@ from . import data as data_mod
 from . import failpoints
 from .checkpoint import Checkpointer, TrainState, export_final, find_resume
 from .config import RunConfig, dump_yaml, resolve_batch
-from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, build_accelerator, check_engaged,
-                          check_sharded, resolve_device)
+from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, align_scheduler, build_accelerator,
+                          check_engaged, check_sharded, resolve_device)
 from .flops import device_peak_flops, flops_per_token, mfu
 from .metrics import MetricsLog, StepTimer, peak_memory_mb
 from .model import build_model, is_preset, load_tokenizer, model_config
@@ -119,6 +119,7 @@ def train(cfg: RunConfig) -> int:
     loader = data_mod.train_loader(splits.train, sampler, cfg.train.micro_batch, cfg.data)
     evals = data_mod.eval_loader(splits.eval, cfg.train.micro_batch)
     model, optimizer, loader, evals, scheduler = acc.prepare(model, optimizer, loader, evals, scheduler)
+    align_scheduler(scheduler, optimizer)
     if cfg.log.tensorboard:
         acc.init_trackers("train", config={k: v for k, v in _flat(cfg.to_dict()).items() if isinstance(v, (int, float, str, bool))})
 
