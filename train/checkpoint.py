@@ -24,6 +24,7 @@ import torch
 
 from . import failpoints
 from .config import ConfigError, RunConfig
+from .model import param_count
 
 MANIFEST = "manifest.json"
 PREFIX = "step_"
@@ -219,7 +220,7 @@ def export_final(accelerator, model, tokenizer, out_dir: Path, config_yaml: str)
     unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "run_config.yaml").write_text(config_yaml)
-    expected = sum(p.numel() for p in model_param_shapes(unwrapped))
+    expected = param_count(unwrapped)
     saved = _safetensors_numel(tmp)
     if saved < expected:  # e.g. ZeRO-3 weights saved without gathering (LlamaFactory#253)
         raise RuntimeError(f"export holds {saved} parameters, the model has {expected}: weights were not gathered")
@@ -231,16 +232,6 @@ def export_final(accelerator, model, tokenizer, out_dir: Path, config_yaml: str)
     shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return out_dir
-
-
-def model_param_shapes(model):
-    """Parameters as full-size shapes (ZeRO-3 keeps the real shape in ``ds_shape``)."""
-    seen = set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        yield torch.empty(getattr(p, "ds_shape", p.shape), device="meta")
 
 
 def _safetensors_numel(path: Path) -> int:

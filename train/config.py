@@ -139,8 +139,19 @@ class RunConfig:
         return _redact(self.to_dict())
 
 
+def selected_strategy(launch: LaunchConfig):
+    """The strategy row this run uses, or None for a user's own ACCELERATE_CONFIG file."""
+    return None if launch.accelerate_config else STRATEGIES[launch.strategy]
+
+
+def strategy_name(launch: LaunchConfig) -> str:
+    s = selected_strategy(launch)
+    return s.name if s else CUSTOM
+
+
 def strategy_family(launch: LaunchConfig) -> str:
-    return CUSTOM if launch.accelerate_config else STRATEGIES[launch.strategy].family
+    s = selected_strategy(launch)
+    return s.family if s else CUSTOM
 
 
 # Short names shared by the Makefile, `.env`, compose and Kubernetes. One table, read everywhere.

@@ -12,9 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .config import ConfigError, RunConfig, resolve_batch
+from .config import ConfigError, RunConfig, resolve_batch, selected_strategy, strategy_name
 from .distributed import ENV_EXPECTED_WORLD, resolve_device, worker_env
-from .strategies import CUSTOM, get_strategy
 
 
 def processes_per_node(requested: int, device: str) -> int:
@@ -33,7 +32,7 @@ def preflight(cfg: RunConfig, world_size: int, device: str) -> None:
     from .data import resolve_source
     from .model import check_model_source
 
-    strategy = None if cfg.launch.accelerate_config else get_strategy(cfg.launch.strategy)
+    strategy = selected_strategy(cfg.launch)
     if strategy is not None and strategy.gpu_only and device == "cpu":
         raise ConfigError(f"STRATEGY={strategy.name} offloads from GPU to CPU memory and needs a CUDA GPU; "
                           "on CPU use fsdp (or zero3-offload)")
@@ -51,7 +50,8 @@ def preflight(cfg: RunConfig, world_size: int, device: str) -> None:
 
 
 def accelerate_args(cfg: RunConfig, spec, nproc: int, device: str) -> list[str]:
-    config_file = cfg.launch.accelerate_config or str(get_strategy(cfg.launch.strategy).accelerate_config)
+    strategy = selected_strategy(cfg.launch)
+    config_file = cfg.launch.accelerate_config or str(strategy.accelerate_config)
     cores = os.cpu_count() or 1
     args = ["--config_file", config_file,
             "--num_machines", str(spec.nnodes), "--machine_rank", str(spec.node_rank),
@@ -61,7 +61,7 @@ def accelerate_args(cfg: RunConfig, spec, nproc: int, device: str) -> list[str]:
             "--mixed_precision", cfg.train.precision,
             "--num_cpu_threads_per_process", str(max(1, cores // nproc))]
     single = spec.nnodes * nproc == 1
-    if device == "cpu" and not single and not cfg.launch.accelerate_config and get_strategy(cfg.launch.strategy).family == "ddp":
+    if device == "cpu" and not single and strategy is not None and strategy.family == "ddp":
         args.append("--multi_gpu")  # with ACCELERATE_USE_CPU=1 this is torchrun + MULTI_CPU over gloo
     if spec.nnodes > 1:
         args += ["--max_restarts", "0"]
@@ -78,13 +78,13 @@ def launch(cfg: RunConfig, argv: list[str]) -> None:
         raise ConfigError(f"NPROC={nproc}: no GPUs visible on this node; set NPROC or DEVICE=cpu")
     world = spec.nnodes * nproc
     preflight(cfg, world, device)
-    strategy = None if cfg.launch.accelerate_config else get_strategy(cfg.launch.strategy)
+    strategy = selected_strategy(cfg.launch)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_SCRUB_VARS}
     env.update(worker_env(strategy, device))
     env[ENV_EXPECTED_WORLD] = str(world)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args(cfg, spec, nproc, device),
            "-m", "train", "worker", *argv]
-    print(f"[launch] {strategy.name if strategy else CUSTOM}: node {spec.node_rank}/{spec.nnodes} "
+    print(f"[launch] {strategy_name(cfg.launch)}: node {spec.node_rank}/{spec.nnodes} "
           f"({spec.source}), {nproc} process(es) per node, world size {world}, device {device}, "
           f"master {spec.master_addr}:{spec.master_port}", flush=True)
     wait_for_master(spec, cfg.launch.master_wait_s)

@@ -18,14 +18,13 @@ import torch
 from . import data as data_mod
 from . import failpoints
 from .checkpoint import Checkpointer, TrainState, export_final, find_resume
-from .config import RunConfig, dump_yaml, resolve_batch
+from .config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
 from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, align_scheduler, build_accelerator,
                           check_engaged, check_sharded, resolve_device)
 from .flops import device_peak_flops, flops_per_token, mfu
 from .metrics import MetricsLog, StepTimer, peak_memory_mb
-from .model import build_model, is_preset, load_tokenizer, model_config
+from .model import build_model, is_preset, load_tokenizer, model_config, param_count
 from .preemption import EXIT_PREEMPTED, StopSignal
-from .strategies import CUSTOM, get_strategy
 
 IGNORE_INDEX = -100
 
@@ -81,7 +80,7 @@ def train(cfg: RunConfig) -> int:
     # DeepSpeed calls torch collectives that torch deprecates, once per call: noise, not news.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
                             category=FutureWarning)
-    strategy = None if cfg.launch.accelerate_config else get_strategy(cfg.launch.strategy)
+    strategy = selected_strategy(cfg.launch)
     device = os.environ.get(ENV_DEVICE) or resolve_device(cfg.launch.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     grad_accum, global_batch = resolve_batch(cfg, world)
@@ -101,7 +100,7 @@ def train(cfg: RunConfig) -> int:
     check_engaged(acc, strategy, device)
     stop = StopSignal()
     if acc.is_main_process:
-        print(f"[train] strategy={strategy.name if strategy else CUSTOM} engaged as {acc.distributed_type.name} "
+        print(f"[train] strategy={strategy_name(cfg.launch)} engaged as {acc.distributed_type.name} "
               f"world_size={acc.num_processes} device={acc.device} precision={cfg.train.precision} "
               f"micro_batch={cfg.train.micro_batch} grad_accum={grad_accum} global_batch={global_batch}", flush=True)
         print("[train] resolved config:\n" + config_yaml, flush=True)
@@ -111,7 +110,7 @@ def train(cfg: RunConfig) -> int:
     if model is None:
         set_seed(cfg.seed)
         model = build_model(cfg.model, len(tokenizer))
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    n_params = param_count(model)
     full = HeldBytes(4 * n_params, 4 * n_params, 8 * n_params)  # fp32 replica: what DDP holds
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
@@ -123,7 +122,7 @@ def train(cfg: RunConfig) -> int:
     if cfg.log.tensorboard:
         acc.init_trackers("train", config={k: v for k, v in _flat(cfg.to_dict()).items() if isinstance(v, (int, float, str, bool))})
 
-    ckpt = Checkpointer(cfg, acc, {"strategy": strategy.name if strategy else CUSTOM, "global_batch": global_batch})
+    ckpt = Checkpointer(cfg, acc, {"strategy": strategy_name(cfg.launch), "global_batch": global_batch})
     state = TrainState()
     resume_from = find_resume(cfg, acc.num_processes)
     if resume_from is not None:

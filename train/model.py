@@ -92,5 +92,10 @@ def build_model(cfg: ModelConfig, vocab_size: int):
     return model
 
 
+def param_count(model) -> int:
+    """Full-size parameter count, also for ZeRO-3 (whose partitioned params keep it in ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:200]
