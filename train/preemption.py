@@ -13,7 +13,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: a stop that saved and can be resumed, not a success
+from .exitcodes import PREEMPTED as EXIT_PREEMPTED  # a stop that saved and can be resumed, not a success
 
 
 class StopSignal:
