@@ -42,6 +42,8 @@ class LaunchConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     timeout_s: int = field(default=300, metadata={"help": "collective/rendezvous timeout: a dead peer fails the job after this"})
     master_wait_s: int = field(default=120, metadata={"help": "how long a non-master node waits for the master to resolve and listen"})
+    max_restarts: int = field(default=3, metadata={"help": "times torchrun restarts the workers after a crash (multi-process runs); they resume from the newest checkpoint"})
+    hang_timeout_s: float = field(default=0.0, metadata={"help": "no rank finished a step for this long: dump stacks, exit 4; 0 = max(60 s, 10 median steps)"})
 
 
 @dataclass
@@ -165,6 +167,8 @@ ENV_VARS: dict[str, str] = {
     "MASTER_PORT": "launch.master_port",
     "DEVICE": "launch.device",
     "DIST_TIMEOUT": "launch.timeout_s",
+    "MAX_RESTARTS": "launch.max_restarts",
+    "HANG_TIMEOUT": "launch.hang_timeout_s",
     "MODEL": "model.name",
     "TOKENIZER": "model.tokenizer",
     "DATASET": "data.dataset",
@@ -337,7 +341,8 @@ def validate(cfg: RunConfig) -> None:
         ("launch.nnodes", L.nnodes, 1), ("launch.nproc_per_node", L.nproc_per_node, 0),
         ("log.every", cfg.log.every, 1), ("checkpoint.every", cfg.checkpoint.every, 0),
         ("checkpoint.keep", cfg.checkpoint.keep, 1), ("train.global_batch", T.global_batch, 0),
-        ("launch.timeout_s", L.timeout_s, 1),
+        ("launch.timeout_s", L.timeout_s, 1), ("launch.max_restarts", L.max_restarts, 0),
+        ("launch.hang_timeout_s", L.hang_timeout_s, 0),
     ):
         if v < lo:
             raise ConfigError(f"{key}={v} is too small; it must be >= {lo}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from . import failpoints
+from . import failpoints, progress
 from .checkpoint import Checkpointer, TrainState, export_final, find_resume
 from .config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
 from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, align_scheduler, build_accelerator,
@@ -131,6 +131,9 @@ def train(cfg: RunConfig) -> int:
             print(f"[train] resumed from {resume_from} at step {state.step} (epoch {state.epoch}, "
                   f"{state.samples_in_epoch} samples into it)", flush=True)
     log = MetricsLog(acc, cfg.output_dir, cfg.train.max_steps, state.step, cfg.log.progress)
+    if acc.is_main_process:
+        progress.log_restart(log, state.step)  # this start is torchrun's restart: one event line
+        ckpt.extra["events"] = progress.event_counts(log.path)
     probe = HeldBytesProbe(model, optimizer)
     tokens_per_step = global_batch * cfg.data.seq_len
     # MFU: model FLOPs per token (train/flops.py) against the device's peak; None on CPU/unknown GPUs.
@@ -148,7 +151,10 @@ def train(cfg: RunConfig) -> int:
         sampler.set_position(state.epoch, state.samples_in_epoch)
         batches = iter(loader)
         for _ in range(sampler.steps_per_epoch - state.samples_in_epoch // global_batch):
+            progress.phase("data")  # what the hang watchdog reports (train/progress.py); no collective
+            failpoints.before_data(state.step + 1, acc.process_index)
             micro = [next(batches) for _ in range(A)]
+            progress.phase("forward")
             probe.reset(armed=state.step == 0 or (state.step + 1) % cfg.log.every == 0)  # step 1 and log steps
             window_loss += forward_backward(model, micro, acc)
             for b in micro:
@@ -164,6 +170,7 @@ def train(cfg: RunConfig) -> int:
             state.tokens_seen += tokens_per_step
             window_steps += 1
             failpoints.after_step(state.step, acc.process_index)
+            progress.phase("collective", step=state.step)
             if state.step == 1 and strategy is not None and probe.last is not None:
                 check_sharded(probe.last, full, strategy, W)
 
@@ -187,16 +194,19 @@ def train(cfg: RunConfig) -> int:
                 window_loss.zero_(), window_hash.zero_()
                 window_steps = 0
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+                progress.phase("eval")
                 log.log({"step": state.step, **evaluate(model, evals, acc, cfg.train.eval_batches)})
             stopped = stop.agreed()
             if stopped or state.step >= cfg.train.max_steps:
                 break  # the checkpoint after the loop covers both
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+                progress.phase("checkpoint")
                 ckpt.save(state, config_yaml)
                 last_saved = state.step
         if state.samples_in_epoch >= sampler.steps_per_epoch * global_batch:
             state.epoch, state.samples_in_epoch = state.epoch + 1, 0
 
+    progress.phase("checkpoint")
     if last_saved != state.step:
         ckpt.save(state, config_yaml)
     if stopped:
@@ -255,6 +265,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def main(cfg: RunConfig) -> None:
     code = train(cfg)
+    progress.finished(code)
     sys.stdout.flush()
     # Some 2-process gloo runs hang at interpreter exit after training (MACHINE-NOTES); exit explicitly.
     os._exit(code)
