@@ -15,6 +15,7 @@ from train.exitcodes import HANG
 pytestmark = pytest.mark.slow
 DIST_TIMEOUT = 120
 RUN = {"MAX_STEPS": 400, "CHECKPOINT_EVERY": 3, "HANG_TIMEOUT": 6, "DIST_TIMEOUT": DIST_TIMEOUT,
+       "optim.schedule": "constant",  # the curve must not depend on MAX_STEPS (resumed with fewer)
        "checkpoint.export": "false"}
 SLOW = {"TRAIN_FAILPOINTS": "step_sleep=0.2"}  # steps slow enough to stop a rank mid-run
 

@@ -91,11 +91,16 @@ def rendezvous_env(cfg: RunConfig, spec) -> dict[str, str]:
     default, its FQDN, may not resolve in a container) and node r the same address plus
     ``~node<r>``, which sorts after it: node r's processes are then ranks r*nproc.., as with
     static rendezvous.
+
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE``: by default the workers share the agent's store, which
+    lives across restarts, so restarted workers read the dead ones' gloo addresses and fail to
+    connect (seen here with torch 2.13); unshared, rank 0 opens a fresh store each attempt.
     """
     endpoint = f"{spec.master_addr}:{spec.master_port}"
     run_id = hashlib.sha256(f"{endpoint}|{cfg.output_dir}".encode()).hexdigest()[:16]
     local = spec.master_addr if spec.node_rank == 0 else f"{spec.master_addr}~node{spec.node_rank:05d}"
-    return {"PET_RDZV_ENDPOINT": endpoint, "PET_RDZV_ID": run_id, "PET_LOCAL_ADDR": local}
+    return {"PET_RDZV_ENDPOINT": endpoint, "PET_RDZV_ID": run_id, "PET_LOCAL_ADDR": local,
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def launch(cfg: RunConfig, argv: list[str]) -> int:
