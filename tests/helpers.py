@@ -16,8 +16,9 @@ def workers_of(output_dir: Path) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline", "status"]):
         cmd = p.info["cmdline"] or []
-        if "worker" not in cmd or p.info["status"] == psutil.STATUS_ZOMBIE:
-            continue
+        is_worker = any(a == "train" and b == "worker" for a, b in zip(cmd, cmd[1:]))
+        if not is_worker or "accelerate.commands.launch" in cmd or p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue  # the agent's command line holds the workers' command too
         try:
             mine = f"OUTPUT_DIR={output_dir}" in cmd or p.environ().get("OUTPUT_DIR") == str(output_dir)
         except psutil.Error:

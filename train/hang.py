@@ -89,7 +89,11 @@ def _parse(path: Path) -> dict:
     head, _, body = text.partition(STACKS)
     info = dict(line.split(": ", 1) for line in head.splitlines() if ": " in line)
     frames = _main_thread(body)
-    coll = next((c for c in map(_collective, frames) if c), None)
+    # The Python call names the collective best (all_reduce); native frames are the fallback
+    # (DDP's reducer inside backward has no Python frame of its own).
+    found = [c for c in map(_collective, frames) if c]
+    named = [c for c in found if c in COLLECTIVES or c.startswith("all_reduce")]
+    coll = (named or found or [None])[0]
     ours = next((f for f in frames if "/train/" in f"/{f['file']}" or f["file"].startswith("train/")), None)
     top = [f"{f['func']} ({Path(f['file']).name}:{f['line']})" for f in frames if f["line"]][:3]
     info.update(collective=coll, ours=f"{ours['func']} ({ours['file']}:{ours['line']})" if ours else None,
@@ -107,7 +111,7 @@ def _collective(frame: dict) -> str | None:
         return "all_reduce (DDP gradients)"
     if func.startswith(("c10d::ProcessGroup", "gloo::", "c10d::Work")) or func.startswith("nccl"):
         name = func.split("::")[-1].lower()
-        return name if name in COLLECTIVES else "a collective"
+        return name if name in COLLECTIVES else "collective"
     return None
 
 

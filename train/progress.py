@@ -28,13 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-from .exitcodes import OK, PREEMPTED
+from .exitcodes import CONFIG, OK, PREEMPTED
 
 ENV_DIR = "TRAIN_PROGRESS_DIR"
 ENV_SUPERVISOR = "TRAIN_SUPERVISOR_PID"
 PR_SET_PDEATHSIG = 1
 PR_SET_PTRACER = 0x59616D61  # "Yama"; EINVAL where Yama is not built in, which is fine
-CONFIG_WAIT_S = 60  # a rank with a config error waits this long for the supervisor to end the job
+FATAL_WAIT_S = 60  # a rank with a config error waits this long for the supervisor to end the job
 
 
 def attempt() -> int:
@@ -115,17 +115,23 @@ def attach() -> None:
     current().phase("setup")
 
 
-def config_error(message: str) -> None:
-    """A ConfigError inside a rank: tell the supervisor, which ends the job quietly and prints the
-    line last (exit 2). Without a supervisor (or if it does not act), print it and exit 2."""
+def fatal(status: str, message: str, code: int) -> None:
+    """An end a restart cannot fix (a config error in a rank, a diverged loss): tell the
+    supervisor, which ends the whole job quietly and prints the line last. The rank waits to be
+    killed rather than exiting, so torchrun does not restart it meanwhile. Without a supervisor
+    (or if it does not act) print the line and exit with ``code``."""
     p = current()
     if p.dir is not None and os.environ.get(ENV_SUPERVISOR):
-        p.outcome("config", message)
-        deadline = time.monotonic() + CONFIG_WAIT_S
-        while time.monotonic() < deadline:  # the supervisor SIGKILLs the job; other ranks stay quiet
+        p.outcome(status, message)
+        deadline = time.monotonic() + FATAL_WAIT_S
+        while time.monotonic() < deadline:
             time.sleep(0.5)
     print(f"error: {message}", file=sys.stderr, flush=True)
-    os._exit(2)
+    os._exit(code)
+
+
+def config_error(message: str) -> None:
+    fatal("config", message, CONFIG)
 
 
 def crashed(exc: BaseException) -> None:

@@ -172,9 +172,12 @@ class Supervisor:
             self._dump_nccl(directory, [r["rank"] for r in records])
             time.sleep(2)  # let the flight recorder write
         folder = hang.dump(records, self.cfg.output_dir, self.node_rank, idle)
+        if self.node_rank == 0:
+            # Node 0's agent hosts the rendezvous store: killing it first could end the other
+            # nodes' agents before their own dumps.
+            hang.wait_for_dumps(self.cfg.output_dir, self.world, REPORT_WAIT_S)
         self._kill(cur)
         if self.node_rank == 0:
-            hang.wait_for_dumps(self.cfg.output_dir, self.world, REPORT_WAIT_S)
             print(hang.report(self.cfg.output_dir), flush=True)
         return HANG, (f"no rank made progress for {idle:.0f} s; stacks in {folder} "
                       f"(python -m train hang-report {self.cfg.output_dir}); RESUME=auto continues from the last checkpoint")
