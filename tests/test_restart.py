@@ -13,7 +13,7 @@ import pytest
 from conftest import free_port, losses, output, read_metrics, start, train, wait_for_step
 from helpers import make_train, wait_until_gone, worker_pids
 from train.checkpoint import MANIFEST, complete_checkpoints
-from train.exitcodes import CONFIG, REPEATED_FAILURE
+from train.exitcodes import CONFIG, DIVERGED, REPEATED_FAILURE
 
 pytestmark = pytest.mark.slow
 RUN = {"MAX_STEPS": 10, "CHECKPOINT_EVERY": 2, "KEEP_CHECKPOINTS": 2, "checkpoint.export": "false"}
@@ -88,3 +88,29 @@ def test_a_config_error_inside_a_rank_ends_the_job_with_one_line_and_exit_2_with
     assert "Traceback" not in both and "ChildFailedError" not in both and "restarted" not in both
     assert p.stderr.strip().splitlines()[-1] == "error: failpoint config_error: bad value seen by rank 0 at step 2"
     assert not wait_until_gone(tmp_path, 10)
+
+
+def test_a_nan_at_step_6_rolls_back_once_skips_its_batches_and_a_rerun_gives_the_same_curve(tmp_path):
+    nan = {"TRAIN_FAILPOINTS": "nan_at=6"}  # NaN loss and gradients on the step eating batch 6
+    first, rerun = tmp_path / "first", tmp_path / "rerun"
+    p = train(first, env=nan, **RUN)
+    [ev] = events(first)
+    assert ev["event"] == "rollback" and ev["reason"] == "loss is nan"
+    assert (ev["from_step"], ev["to_step"], ev["attempt"]) == (6, 4, 1)
+    assert f'[event] {{"event": "rollback"' in p.stdout
+    rows = read_metrics(first)
+    assert [r["step"] for r in rows] == list(range(1, 11)) and all(r["loss"] == r["loss"] for r in rows)
+    manifest = json.loads((complete_checkpoints(first / "checkpoints")[-1] / MANIFEST).read_text())
+    [skip] = manifest["train_state"]["skipped"]
+    assert (skip["from_step"], skip["to_step"], skip["from_cursor"], skip["to_cursor"]) == (5, 6, [0, 32], [0, 48])
+    assert manifest["events"] == {"rollback": 1}
+    train(rerun, env=nan, **RUN)
+    assert losses(rerun) == losses(first)
+
+
+def test_a_run_out_of_rollbacks_stops_as_diverged_without_a_restart(tmp_path):
+    p = train(tmp_path, check=False, env={"TRAIN_FAILPOINTS": "nan_at=3"}, **{**RUN, "train.max_rollbacks": 0})
+    assert p.returncode == DIVERGED, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "Traceback" not in p.stdout + p.stderr and "restarted" not in p.stdout
+    last = p.stderr.strip().splitlines()[-1]
+    assert "loss is nan at step 3, after 0 rollback(s) (train.max_rollbacks=0)" in last

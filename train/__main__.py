@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except BaseException as e:
+        from .rollback import Diverged
+
+        if cmd == "worker" and isinstance(e, Diverged):
+            from .exitcodes import DIVERGED
+
+            progress.fatal("diverged", str(e), DIVERGED)  # a restart would diverge again
         if cmd == "worker" and not isinstance(e, SystemExit):
             progress.crashed(e)
         raise

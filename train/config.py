@@ -90,6 +90,9 @@ class TrainConfig:
     max_steps: int = 200
     eval_every: int = 100
     eval_batches: int = 4
+    spike_factor: float = field(default=3.0, metadata={"help": "a logged loss above this x the median of the last spike_window rolls back to the newest checkpoint and skips the batches since; 0 = only non-finite losses"})
+    spike_window: int = field(default=20, metadata={"help": "logged losses the spike median is taken over"})
+    max_rollbacks: int = field(default=3, metadata={"help": "rollbacks a run may take; then it stops with exit 7 (diverged)"})
 
 
 @dataclass
@@ -342,7 +345,8 @@ def validate(cfg: RunConfig) -> None:
         ("log.every", cfg.log.every, 1), ("checkpoint.every", cfg.checkpoint.every, 0),
         ("checkpoint.keep", cfg.checkpoint.keep, 1), ("train.global_batch", T.global_batch, 0),
         ("launch.timeout_s", L.timeout_s, 1), ("launch.max_restarts", L.max_restarts, 0),
-        ("launch.hang_timeout_s", L.hang_timeout_s, 0),
+        ("launch.hang_timeout_s", L.hang_timeout_s, 0), ("train.spike_factor", T.spike_factor, 0),
+        ("train.spike_window", T.spike_window, 1), ("train.max_rollbacks", T.max_rollbacks, 0),
     ):
         if v < lo:
             raise ConfigError(f"{key}={v} is too small; it must be >= {lo}")

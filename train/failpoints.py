@@ -9,6 +9,8 @@ save, one rank dying at a given step), so the job can be told to inflict them on
   TRAIN_FAILPOINTS="rank_dies=1@3"         rank 1 alone is SIGKILLed after step 3 (on every attempt)
   TRAIN_FAILPOINTS="rank_dies_first=1@7"   the same, only in the first attempt (torchrun restarts count)
   TRAIN_FAILPOINTS="data_sleep=1@5:30"     rank 1 sleeps 30 s while loading step 5's data
+  TRAIN_FAILPOINTS="nan_at=6"              the step consuming epoch 0's 6th global batch gets a NaN loss
+                                           and NaN gradients (so NaN weights); a rollback skips that batch
   TRAIN_FAILPOINTS="config_error=0@2"      rank 0 raises a ConfigError after step 2 (a user error only a
                                            rank can see, e.g. in data it reads late)
 """
@@ -45,6 +47,18 @@ def after_step(step: int, rank: int) -> None:
             from .config import ConfigError
 
             raise ConfigError(f"failpoint config_error: bad value seen by rank {rank} at step {step}")
+
+
+def poison(loss, model, epoch: int, batches_done: int):
+    """NaN loss and gradients for the step that consumes global batch ``nan_at`` of epoch 0: tied
+    to the data, not the step number, so it does not recur once a rollback skipped that batch."""
+    at = _points().get("nan_at")
+    if at is None or epoch != 0 or batches_done != int(at):
+        return loss
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.fill_(float("nan"))
+    return loss * float("nan")
 
 
 def before_data(step: int, rank: int) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from . import data as data_mod
 from . import failpoints, progress
-from .checkpoint import Checkpointer, TrainState, export_final, find_resume
+from .checkpoint import Checkpointer, TrainState, checkpoint_root, export_final, find_resume
 from .config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
 from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, align_scheduler, build_accelerator,
                           check_engaged, check_sharded, resolve_device)
@@ -25,6 +25,7 @@ from .flops import device_peak_flops, flops_per_token, mfu
 from .metrics import MetricsLog, StepTimer, peak_memory_mb
 from .model import build_model, is_preset, load_tokenizer, model_config, param_count
 from .preemption import EXIT_PREEMPTED, StopSignal
+from .rollback import SpikeGuard, roll_back
 
 IGNORE_INDEX = -100
 
@@ -146,8 +147,10 @@ def train(cfg: RunConfig) -> int:
     window_hash = torch.zeros((), dtype=torch.long, device=acc.device)
     window_steps, grad_norm, last_saved = 0, None, state.step
     stopped = False
+    guard = SpikeGuard(cfg.train.spike_factor, cfg.train.spike_window)
     model.train()
     while state.step < cfg.train.max_steps and not stopped:
+        rolled_back = False
         sampler.set_position(state.epoch, state.samples_in_epoch)
         batches = iter(loader)
         for _ in range(sampler.steps_per_epoch - state.samples_in_epoch // global_batch):
@@ -156,7 +159,8 @@ def train(cfg: RunConfig) -> int:
             micro = [next(batches) for _ in range(A)]
             progress.phase("forward")
             probe.reset(armed=state.step == 0 or (state.step + 1) % cfg.log.every == 0)  # step 1 and log steps
-            window_loss += forward_backward(model, micro, acc)
+            window_loss += failpoints.poison(forward_backward(model, micro, acc), model, state.epoch,
+                                             state.samples_in_epoch // global_batch + 1)
             for b in micro:
                 window_hash += sample_hash(b["index"])
             assert acc.sync_gradients, "accumulation boundary out of step with the data"
@@ -188,11 +192,18 @@ def train(cfg: RunConfig) -> int:
                     record["mfu"] = mfu(record["tokens_per_second_per_device"], flops_token, peak)
                 if probe.last is not None:
                     record["held_bytes"] = probe.last.as_dict()
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {state.step}; lower optim.lr or use bf16 over fp16")
-                log.log(record)
                 window_loss.zero_(), window_hash.zero_()
                 window_steps = 0
+                spike = guard.check(loss)
+                if spike:  # every rank sees the same reduced loss, so all roll back together
+                    progress.phase("checkpoint")
+                    state = roll_back(ckpt, checkpoint_root(cfg), state, spike, cfg.train.max_rollbacks,
+                                      log if acc.is_main_process else None)
+                    if acc.is_main_process:
+                        ckpt.extra["events"] = progress.event_counts(log.path)
+                    last_saved, rolled_back = state.step, True
+                    break
+                log.log(record)
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
                 progress.phase("eval")
                 log.log({"step": state.step, **evaluate(model, evals, acc, cfg.train.eval_batches)})
@@ -203,6 +214,9 @@ def train(cfg: RunConfig) -> int:
                 progress.phase("checkpoint")
                 ckpt.save(state, config_yaml)
                 last_saved = state.step
+        if rolled_back:
+            timer.lap()
+            continue
         if state.samples_in_epoch >= sampler.steps_per_epoch * global_batch:
             state.epoch, state.samples_in_epoch = state.epoch + 1, 0
 
