@@ -37,8 +37,15 @@ PR_SET_PTRACER = 0x59616D61  # "Yama"; EINVAL where Yama is not built in, which 
 FATAL_WAIT_S = 60  # a rank with a config error waits this long for the supervisor to end the job
 
 
-def attempt() -> int:
-    """Which start of the workers this is (torchrun counts restarts for us)."""
+def attempt(directory: Path | None = None) -> int:
+    """Which start of this rank this is: one more than the starts already on file.
+    TORCHELASTIC_RESTART_COUNT is not enough: it counts only this node's failures, and the
+    agents of the other nodes restart their healthy workers without counting."""
+    if directory is not None:
+        seen = [int(f.name[1:4]) for f in directory.glob(f"a*-rank{rank():05d}.json")]
+        if seen:
+            return max(seen) + 1
+        return 0
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
@@ -63,7 +70,7 @@ def _write(path: Path, obj: dict) -> None:
 class Progress:
     def __init__(self, directory: str | None):
         self.dir = Path(directory) if directory else None
-        self.rank, self.attempt = rank(), attempt()
+        self.rank, self.attempt = rank(), attempt(self.dir)
         self.state = {"pid": os.getpid(), "rank": self.rank, "local_rank": int(os.environ.get("LOCAL_RANK", "0") or 0),
                       "node": int(os.environ.get("GROUP_RANK", "0") or 0), "host": socket.gethostname(),
                       "attempt": self.attempt, "step": None, "phase": "setup", "t": time.time()}

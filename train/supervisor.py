@@ -172,10 +172,9 @@ class Supervisor:
             self._dump_nccl(directory, [r["rank"] for r in records])
             time.sleep(2)  # let the flight recorder write
         folder = hang.dump(records, self.cfg.output_dir, self.node_rank, idle)
-        if self.node_rank == 0:
-            # Node 0's agent hosts the rendezvous store: killing it first could end the other
-            # nodes' agents before their own dumps.
-            hang.wait_for_dumps(self.cfg.output_dir, self.world, REPORT_WAIT_S)
+        # Kill only once every node has dumped (bounded): a node killing its workers early makes
+        # the others' ranks fail out of the collective they were caught in before their dump.
+        hang.wait_for_dumps(self.cfg.output_dir, self.world, REPORT_WAIT_S)
         self._kill(cur)
         if self.node_rank == 0:
             print(hang.report(self.cfg.output_dir), flush=True)
