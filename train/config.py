@@ -82,6 +82,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     precision: str = field(default="no", metadata={"help": " | ".join(PRECISIONS)})
+    tf32: bool = field(default=True, metadata={"help": "CUDA: TF32 tensor cores for fp32 matmuls/convolutions (PRECISION=no runs ~8x faster; MFU uses the TF32 peak). false = true IEEE fp32"})
     micro_batch: int = field(default=8, metadata={"help": "sequences per rank per forward pass"})
     grad_accum: int = 1
     global_batch: int = field(default=0, metadata={"help": "sequences per optimizer step; 0 = micro_batch x grad_accum x world size. If set, grad_accum is derived from it"})
