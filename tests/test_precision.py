@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.config import load_config
-from train.distributed import (CUDA_BUCKET_FLOOR, deepspeed_config, fsdp_plugin_settings, fused_adamw,
+from train.config import ConfigError, load_config
+from train.distributed import (CUDA_BUCKET_FLOOR, check_compile_toolchain, deepspeed_config, fsdp_plugin_settings, fused_adamw,
                                optimizer_step_skipped)
 from train.strategies import STRATEGIES
 
@@ -144,3 +144,10 @@ def test_deepspeed_overlaps_communication_with_floored_buckets_on_cuda_only(name
 def test_tf32_is_a_config_key_on_by_default():
     assert load_config([]).train.tf32 is True
     assert load_config(["train.tf32=false"]).train.tf32 is False
+
+
+def test_compile_without_a_compiler_is_refused_naming_what_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++/gcc/c++ reachable
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(ConfigError, match=r"model.compile=true needs a C/C\+\+ compiler .*model.compile=false"):
+        check_compile_toolchain("cpu")
