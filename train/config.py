@@ -101,6 +101,7 @@ class CheckpointConfig:
     keep: int = setting(2, "complete checkpoints to keep", env="KEEP_CHECKPOINTS")
     resume: str = setting("auto", "auto (newest complete checkpoint, if any) | never (refuse if any exist) | PATH", env="RESUME")
     export: bool = setting(True, "write OUTPUT_DIR/final (safetensors + config + tokenizer) at the end")
+    export_timeout_s: int = setting(3600, "how long the other ranks wait while rank 0 writes the final export (its own bound: DIST_TIMEOUT is for collectives)")
 
 
 @dataclass

@@ -146,7 +146,35 @@ def build_accelerator(cfg: RunConfig, strategy: Strategy | None, grad_accum: int
     )
     if device == "cuda":
         set_tf32(cfg.train.tf32)  # after the Accelerator: under dynamo it turns TF32 on by itself
+    if cfg.checkpoint.export:
+        make_export_group(cfg.checkpoint.export_timeout_s)
     return accelerator
+
+
+_EXPORT_GROUP: list = []  # the process group wait_for_export uses, made by make_export_group
+
+
+def make_export_group(timeout_s: int) -> None:
+    """A CPU (gloo) process group with its own timeout for the final export's wait.
+
+    The other ranks wait while rank 0 alone writes the export; a large model on network
+    storage can take longer than DIST_TIMEOUT, the bound meant to catch a dead peer in a
+    collective. Every rank must call this at the same point (new_group is collective): right
+    after the process group starts. Gloo, so a long CPU-side wait trips no NCCL watchdog.
+    """
+    import torch.distributed as dist
+
+    _EXPORT_GROUP.clear()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        _EXPORT_GROUP.append(dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)))
+
+
+def wait_for_export(accelerator) -> None:
+    """Every rank waits here until rank 0 has written the export, bounded by export_timeout_s."""
+    if _EXPORT_GROUP:
+        torch.distributed.barrier(group=_EXPORT_GROUP[0])
+    else:
+        accelerator.wait_for_everyone()
 
 
 def set_tf32(enabled: bool) -> None:
