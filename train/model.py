@@ -120,6 +120,7 @@ def check_model_source(cfg: ModelConfig):
     if not is_preset(cfg.name) and not Path(cfg.name).is_dir() and "/" not in cfg.name and not _looks_like_hub_id(cfg.name):
         raise ConfigError(f"model {cfg.name!r} is not a preset ({', '.join(PRESETS)}), a local directory, or a hub id")
     conf = model_config(cfg)
+    _check_buildable(cfg, conf)
     tok = load_tokenizer(cfg)
     vocab = getattr(conf, "vocab_size", None)
     # Presets size their vocabulary from the tokenizer. A pretrained model's embedding rows mean
@@ -129,6 +130,21 @@ def check_model_source(cfg: ModelConfig):
         raise ConfigError(f"TOKENIZER={cfg.tokenizer!r} has {len(tok)} tokens but model {cfg.name!r} has a vocabulary of "
                           f"{vocab}; use the model's own tokenizer (leave TOKENIZER empty) or one made for it")
     return tok
+
+
+def _check_buildable(cfg: ModelConfig, conf) -> None:
+    """Build the model on the meta device (no memory, no weights): catches an attn_implementation
+    that does not exist or is not installed, or an architecture with no causal-LM class."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(conf, attn_implementation=cfg.attn_implementation,
+                                             trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - whatever transformers refuses, the user must change
+        raise ConfigError(f"model {cfg.name!r} cannot be built with model.attn_implementation="
+                          f"{cfg.attn_implementation!r} ({type(e).__name__}: {_first_line(e)})") from None
 
 
 def _looks_like_hub_id(name: str) -> bool:
