@@ -251,3 +251,26 @@ def test_make_passes_command_line_settings_and_keeps_dotenv(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "max_steps: 9" in out.stdout  # from .env
     assert "seed: 6" in out.stdout  # the make command line wins over .env
+
+
+def test_makefile_picks_the_cpu_torch_build_unless_an_nvidia_gpu_answers(tmp_path):
+    import subprocess
+
+    def torch_install_line(path_prefix: str = "", *extra: str) -> str:
+        env = {**os.environ, "PATH": f"{path_prefix}{os.environ['PATH']}"}
+        out = subprocess.run(["make", "-n", "-f", str(REPO / "Makefile"), "venv", f"VENV={tmp_path / 'venv'}", *extra],
+                             cwd=REPO, capture_output=True, text=True, timeout=60, env=env).stdout
+        return next(ln for ln in out.splitlines() if "pip install" in ln and " torch" in ln)
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"  # a host whose driver answers `nvidia-smi -L`
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100'\n")
+    fake.chmod(0o755)
+    no_gpu = tmp_path / "nogpu"
+    no_gpu.mkdir()
+    (no_gpu / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")
+    (no_gpu / "nvidia-smi").chmod(0o755)
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in torch_install_line(f"{no_gpu}:")
+    assert "--extra-index-url" not in torch_install_line(f"{bin_dir}:")  # PyPI's torch is the CUDA build
+    assert "whl/cu128" in torch_install_line(f"{no_gpu}:", "TORCH_INDEX=https://download.pytorch.org/whl/cu128")
