@@ -3,7 +3,7 @@
 What the launcher can see on its own - settings that contradict the device, the batch, a port,
 the model, its tokenizer, a sample of the data, and the checkpoint it would resume - is checked
 here, so a mistake costs seconds and one line instead of a process group's worth of tracebacks.
-The node itself (shared memory, disk, devices, links) is train/preflight.py's job.
+The node itself (shared memory, disk, devices, links) is checked separately, per node.
 """
 
 from __future__ import annotations
