@@ -222,21 +222,21 @@ def test_unsupported_accelerate_config_is_refused_naming_the_key(out_dir, tmp_pa
 
 
 @pytest.mark.slow
-def test_output_dir_of_a_different_run_is_refused_and_left_intact(tmp_path):
+def test_output_dir_of_a_different_run_is_refused_and_left_intact(tmp_path, launch_here):
     out = tmp_path / "run"
     train(out, MAX_STEPS=2, CHECKPOINT_EVERY=2, **{"checkpoint.export": "false"})
     before = snapshot(out)
-    p = launch(*args_for(out, SEQ_LEN=64))
+    p = launch_here(*args_for(out, SEQ_LEN=64))
     assert_refused(p, "is from a different run", "seq_len: checkpoint has 32, this run has 64", out=out, before=before)
-    p = launch(*args_for(out, MODEL="llama-tiny"))
+    p = launch_here(*args_for(out, MODEL="llama-tiny"))
     assert_refused(p, "model: checkpoint has 'llama-debug', this run has 'llama-tiny'", out=out, before=before)
-    p = launch(*args_for(out, RESUME="never"))
+    p = launch_here(*args_for(out, RESUME="never"))
     assert_refused(p, "already holds checkpoints", "RESUME=auto", out=out, before=before)
     # ddp resumes on another world size, but not in the middle of a global batch it no longer has
-    p = launch(*args_for(out, NPROC=3, MAX_STEPS=4))
+    p = launch_here(*args_for(out, NPROC=3, MAX_STEPS=4))
     assert_refused(p, "global batch of 8 (2 ranks)", "this run's global batch is 12 (3 ranks)", out=out, before=before)
     # the same run again: it is finished, and says how to go on instead of training nothing
-    p = launch(*args_for(out, MAX_STEPS=2))
+    p = launch_here(*args_for(out, MAX_STEPS=2, **{"checkpoint.export": "false"}))
     assert p.returncode == 0 and "Traceback" not in p.stdout + p.stderr
     last = p.stdout.strip().splitlines()[-1]
     assert "nothing to train" in last and "MAX_STEPS" in last and "OUTPUT_DIR" in last
