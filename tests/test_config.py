@@ -274,3 +274,11 @@ def test_makefile_picks_the_cpu_torch_build_unless_an_nvidia_gpu_answers(tmp_pat
     assert "--extra-index-url https://download.pytorch.org/whl/cpu" in torch_install_line(f"{no_gpu}:")
     assert "--extra-index-url" not in torch_install_line(f"{bin_dir}:")  # PyPI's torch is the CUDA build
     assert "whl/cu128" in torch_install_line(f"{no_gpu}:", "TORCH_INDEX=https://download.pytorch.org/whl/cu128")
+
+
+def test_a_dotenv_name_close_to_a_setting_gets_a_notice(tmp_path):
+    from train.config import notes
+
+    (tmp_path / ".env").write_text("STRATEGYY=zero2\nHF_TOKEN=x\nNCCL_DEBUG=INFO\n")
+    cfg = load(dotenv=str(tmp_path / ".env"))
+    assert notes(cfg) == [".env sets STRATEGYY, which is no setting (did you mean STRATEGY?); it is ignored"]

@@ -387,6 +387,12 @@ def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = N
             _set(cfg, dotted, env[name], f"{where} {name}")
     for k, v in overrides.items():
         _set(cfg, k, v, "command line")
+    for k in sorted(from_dotenv - set(ENV_VARS) - {CONFIG_ENV}):
+        # .env also carries other variables (HF_TOKEN, NCCL_*), so an unknown name is no error;
+        # one close to a setting's name is most likely a typo that would silently do nothing.
+        close = difflib.get_close_matches(k, [*ENV_VARS, CONFIG_ENV], n=1, cutoff=0.85)
+        if close:
+            notes(cfg).append(f".env sets {k}, which is no setting (did you mean {close[0]}?); it is ignored")
     _resolve_resume_name(cfg)
     validate(cfg)
     _apply_accelerate_config(cfg)
