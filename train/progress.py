@@ -63,8 +63,11 @@ def outcome_path(directory: Path, attempt_no: int, rank_no: int) -> Path:
 
 def _write(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)  # readers never see half a file
+    try:
+        tmp.write_text(json.dumps(obj))
+        os.replace(tmp, path)  # readers never see half a file
+    except FileNotFoundError:
+        pass  # the supervisor has ended the job and removed the directory; its kill is on the way
 
 
 class Progress:
@@ -118,6 +121,9 @@ def attach() -> None:
         os._exit(1)
     supervisor = os.environ.get(ENV_SUPERVISOR)
     if supervisor:
+        # Started just as the supervisor killed the agent: our parent was gone before prctl.
+        if _parent_of(os.getppid()) != int(supervisor):
+            os._exit(1)
         libc.prctl(PR_SET_PTRACER, int(supervisor), 0, 0, 0)
     current().phase("setup")
 
@@ -135,6 +141,13 @@ def fatal(status: str, message: str, code: int) -> None:
             time.sleep(0.5)
     print(f"error: {message}", file=sys.stderr, flush=True)
     os._exit(code)
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def config_error(message: str) -> None:
