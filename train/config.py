@@ -42,6 +42,23 @@ class LaunchConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     timeout_s: int = field(default=300, metadata={"help": "collective/rendezvous timeout: a dead peer fails the job after this"})
     master_wait_s: int = field(default=120, metadata={"help": "how long a non-master node waits for the master to resolve and listen"})
+    preflight: str = field(default="auto", metadata={"help": "auto (check every node, link and volume before training; train/preflight.py) | off | only (check, print the table, exit)"})
+
+
+@dataclass
+class PreflightConfig:
+    """Thresholds of the preflight checks (train/preflight.py); launch.preflight turns them on."""
+
+    port: int = field(default=0, metadata={"help": "TCP port on node 0 for the preflight's short process group; 0 = MASTER_PORT + 1"})
+    shm_mb_per_gpu: int = field(default=512, metadata={"help": "free /dev/shm needed per GPU process (NCCL, DataLoader workers)"})
+    shm_mb_per_cpu_process: int = field(default=64, metadata={"help": "free /dev/shm needed per process on CPU (DeepSpeed's shm all-reduce, DataLoader workers)"})
+    min_stack_mb: int = field(default=8, metadata={"help": "warn below this stack size limit (ulimit -s)"})
+    disk_checkpoints: int = field(default=2, metadata={"help": "free space at OUTPUT_DIR must hold this many checkpoints (the planner's byte counts)"})
+    gpu_min_peak_fraction: float = field(default=0.4, metadata={"help": "a GPU whose bf16 matmul runs below this fraction of its datasheet peak fails"})
+    link_min_fraction: float = field(default=0.5, metadata={"help": "a node or link whose pairwise bandwidth is below this fraction of the median fails"})
+    min_link_gb_s: float = field(default=0.0, metadata={"help": "a link slower than this many GB/s fails (0 = no absolute floor)"})
+    bandwidth_budget_s: float = field(default=1.0, metadata={"help": "seconds each bandwidth test (all-reduce, pairwise) may take; larger messages are skipped"})
+    shared_wait_s: float = field(default=5.0, metadata={"help": "how long a node waits for the others' files to appear in OUTPUT_DIR (NFS caches)"})
 
 
 @dataclass
@@ -116,6 +133,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
 
     # -- derived -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -165,6 +183,7 @@ ENV_VARS: dict[str, str] = {
     "MASTER_PORT": "launch.master_port",
     "DEVICE": "launch.device",
     "DIST_TIMEOUT": "launch.timeout_s",
+    "PREFLIGHT": "launch.preflight",
     "MODEL": "model.name",
     "TOKENIZER": "model.tokenizer",
     "DATASET": "data.dataset",
@@ -244,7 +263,7 @@ def _set(cfg: RunConfig, dotted: str, value: Any, source: str) -> None:
     else:
         target, name = None, dotted
     hints = typing.get_type_hints(type(target)) if target is not None else {}
-    if target is None or name not in hints or name in sections:
+    if target is None or name not in hints or (target is cfg and name in sections):
         raise ConfigError(f"unknown config key {dotted!r} (from {source}); allowed: {', '.join(allowed_keys())}")
     try:
         setattr(target, name, _coerce(dotted, value, hints[name]))
@@ -331,6 +350,15 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"unknown schedule {O.schedule!r}; allowed: {', '.join(SCHEDULES)}")
     if L.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"unknown device {L.device!r}; allowed: auto, cpu, cuda")
+    if L.preflight not in ("auto", "off", "only"):
+        raise ConfigError(f"PREFLIGHT={L.preflight!r} is not allowed; use auto, off or only")
+    P = cfg.preflight
+    for key, v in (("preflight.gpu_min_peak_fraction", P.gpu_min_peak_fraction),
+                   ("preflight.link_min_fraction", P.link_min_fraction)):
+        if not 0 <= v <= 1:
+            raise ConfigError(f"{key}={v} must be in [0, 1]")
+    if not 0 <= P.port < 65536:
+        raise ConfigError(f"preflight.port={P.port} is not a TCP port (0 = MASTER_PORT + 1)")
     for key, v, lo in (
         ("train.micro_batch", T.micro_batch, 1), ("train.grad_accum", T.grad_accum, 1),
         ("train.max_steps", T.max_steps, 1), ("data.seq_len", cfg.data.seq_len, 8),
@@ -338,6 +366,10 @@ def validate(cfg: RunConfig) -> None:
         ("log.every", cfg.log.every, 1), ("checkpoint.every", cfg.checkpoint.every, 0),
         ("checkpoint.keep", cfg.checkpoint.keep, 1), ("train.global_batch", T.global_batch, 0),
         ("launch.timeout_s", L.timeout_s, 1),
+        ("preflight.shm_mb_per_gpu", P.shm_mb_per_gpu, 0), ("preflight.shm_mb_per_cpu_process", P.shm_mb_per_cpu_process, 0),
+        ("preflight.min_stack_mb", P.min_stack_mb, 0), ("preflight.disk_checkpoints", P.disk_checkpoints, 0),
+        ("preflight.min_link_gb_s", P.min_link_gb_s, 0), ("preflight.bandwidth_budget_s", P.bandwidth_budget_s, 0),
+        ("preflight.shared_wait_s", P.shared_wait_s, 0),
     ):
         if v < lo:
             raise ConfigError(f"{key}={v} is too small; it must be >= {lo}")
