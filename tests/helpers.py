@@ -83,10 +83,12 @@ class PodNetwork:
     def wrap(self, index: int, cmd: list[str]) -> list[str]:
         """Run `cmd` as pod `index`: its network, its hostname, and its own PID namespace, so
         that killing the pod kills every process in it (torchrun starts its workers in new
-        sessions: a process-group kill alone leaves them training)."""
+        sessions: a process-group kill alone leaves them training). `--mount-proc` gives it the
+        matching /proc, as a container has: with the host's, a process asking about its own PID
+        (psutil, in DeepSpeed's CPU accelerator) finds another process or none."""
         hostname = self.hostname(index)
-        return [self.ip, "netns", "exec", self.ns[index], "unshare", "--uts", "--pid", "--kill-child", "sh", "-c",
-                'hostname "$0" && exec "$@"', hostname, *cmd]
+        return [self.ip, "netns", "exec", self.ns[index], "unshare", "--uts", "--pid", "--mount-proc", "--kill-child",
+                "sh", "-c", 'hostname "$0" && exec "$@"', hostname, *cmd]
 
     def hostname(self, index: int) -> str:
         return self.names[index].split(".")[0]
