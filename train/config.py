@@ -47,8 +47,8 @@ class LaunchConfig:
     timeout_s: int = setting(300, "collective/rendezvous timeout: a dead peer fails the job after this", env="DIST_TIMEOUT")
     master_wait_s: int = setting(120, "how long a non-master node waits for the master to resolve and listen")
     preflight: Literal["auto", "off", "only"] = setting(
-        "auto", "auto (check every node, link and volume before training; train/preflight.py) | off | only "
-        "(check, print the table, exit)", env="PREFLIGHT")
+        "auto", "auto | off | only: check every node, link and volume before training (train/preflight.py), "
+        "skip that, or check and exit", env="PREFLIGHT")
 
 
 @dataclass
