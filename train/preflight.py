@@ -69,7 +69,7 @@ MiB = 2**20
 ALLREDUCE_SIZES = tuple(256 * 2**10 * 8**k for k in range(4))  # 256 KiB, 2 MiB, 16 MiB, 128 MiB
 PAIR_START, PAIR_MAX = 64 * 2**10, 64 * MiB
 PAIR_TARGET_S = 0.02  # grow the pairwise message until the slowest exchange takes this long
-MAX_ROUNDS = 8  # pairwise rounds (shifts) at most: each node meets its 8 neighbours either way
+MAX_ROUNDS = 8  # pairwise rounds (shifts) at most: each node meets its 8 nearest ranks on either side
 GPU_MATMUL_N, GPU_CHECK_N, GPU_MAX_REL_ERROR = 8192, 1024, 1e-2
 
 
