@@ -17,7 +17,6 @@ starting the same Job again resumes from it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -32,9 +31,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-_spec = importlib.util.spec_from_file_location("k8s_manifests", Path(__file__).with_name("test_k8s_manifests.py"))
-km = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(km)
+import helpers as km
 
 pytestmark = pytest.mark.slow
 
