@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -609,3 +610,28 @@ def test_jobset_pods_resolve_to_their_node_and_the_master_jobset_names():
         env.pop("CONFIG")
         node = resolve_nodes(load_config([], env=env, dotenv_path=None).launch, env)
         assert (node.nnodes, node.node_rank) == (n, i)
+
+
+# -- make targets that talk to a cluster (dry run: what they would execute) ----------------------
+def _make_dry(*args: str) -> str:
+    p = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.replace("\\\n", " ")
+
+
+def test_make_k8s_delete_returns_only_once_the_old_pods_are_gone():
+    # A background delete returns at once while the old pods keep saving and stay in DNS:
+    # a resubmit would start a second gang on the same OUTPUT_DIR.
+    cmd = _make_dry("k8s-delete", "OVERLAY=zero2")
+    assert "--cascade=foreground" in cmd and "--wait" in cmd and "app.kubernetes.io/instance=trainer-zero2" in cmd
+    assert "pvc" not in cmd.split("delete", 1)[1].split()[0], "the claim with every checkpoint must stay"
+
+
+def test_make_k8s_apply_needs_the_claim_and_k8s_storage_needs_a_kind():
+    assert "get pvc trainer-data" in _make_dry("k8s-apply", "OVERLAY=zero2")
+    p = subprocess.run(["make", "--no-print-directory", "k8s-storage"], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode != 0 and p.stderr.startswith(
+        "error: STORAGE='': pick the storage kind of this cluster, one of: azurefile efs filestore nfs single-node"), \
+        p.stderr

@@ -173,3 +173,12 @@ def test_an_older_gang_writes_nothing_once_a_newer_gang_took_the_run_over(tmp_pa
             assert generation == new_generation, f"{ckpt.name} was renamed by the superseded gang"
     assert not list((out / "checkpoints").glob(".tmp-*")), "the superseded gang left a half-written checkpoint"
     assert max(r["step"] for r in read_metrics(out)) == 30
+
+
+
+def test_an_output_dir_the_run_cannot_write_is_one_config_error_on_every_rank(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # OUTPUT_DIR below a file: mkdir fails, as on a volume uid 1000 may not write
+    answers = _answers(_agree([blocker / "run", blocker / "run"], wait_s=2))
+    assert answers[0] == answers[1] and answers[0]["error"].startswith(
+        f"cannot write generation.json in OUTPUT_DIR '{blocker / 'run'}'"), answers

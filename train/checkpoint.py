@@ -158,6 +158,9 @@ def agree_resume(cfg: RunConfig, world_size: int, visible_wait_s: float = VISIBL
             message = {"generation": generation, "name": None if path is None else path.name}
         except ConfigError as e:
             message = {"error": str(e)}
+        except OSError as e:  # e.g. a volume uid 1000 may not write: say so on every rank, none hangs
+            message = {"error": f"cannot write {GENERATION_FILE} in OUTPUT_DIR {cfg.output_dir!r} "
+                                f"({e.strerror or e}); the run directory must be writable by uid {os.getuid()}"}
     if group:
         box = [message]
         dist.broadcast_object_list(box, src=0)
