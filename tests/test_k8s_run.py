@@ -103,7 +103,8 @@ class PodNetwork:
         that killing the pod kills every process in it (torchrun starts its workers in new
         sessions: a process-group kill alone leaves them training)."""
         hostname = self.names[index].split(".")[0]
-        return [self.ip, "netns", "exec", self.ns[index], "unshare", "--uts", "--pid", "--kill-child", "sh", "-c",
+        return [self.ip, "netns", "exec", self.ns[index], "unshare", "--uts", "--pid", "--mount-proc", "--kill-child",
+                "sh", "-c",
                 'hostname "$0" && exec "$@"', hostname, *cmd]
 
     def cut(self, index: int) -> None:
