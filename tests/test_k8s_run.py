@@ -101,7 +101,9 @@ class PodNetwork:
     def wrap(self, index: int, cmd: list[str]) -> list[str]:
         """Run `cmd` as pod `index`: its network, its hostname, and its own PID namespace, so
         that killing the pod kills every process in it (torchrun starts its workers in new
-        sessions: a process-group kill alone leaves them training)."""
+        sessions: a process-group kill alone leaves them training). /proc is the pod's own, as in
+        a container: DeepSpeed's CPU accelerator looks its own pid up there (psutil) and would
+        otherwise read the host's /proc and fail or find a stranger."""
         hostname = self.names[index].split(".")[0]
         return [self.ip, "netns", "exec", self.ns[index], "unshare", "--uts", "--pid", "--mount-proc", "--kill-child",
                 "sh", "-c",
