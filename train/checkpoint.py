@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from . import failpoints
 from .config import ConfigError, RunConfig
+from .distributed import wait_for_export
 from .exitcodes import SUPERSEDED
 from .model import param_count
 
@@ -346,7 +347,7 @@ def export_final(accelerator, model, tokenizer, out_dir: Path, config_yaml: str)
     """
     state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
+        wait_for_export(accelerator)
         return None
     tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -364,7 +365,7 @@ def export_final(accelerator, model, tokenizer, out_dir: Path, config_yaml: str)
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    wait_for_export(accelerator)
     return out_dir
 
 
