@@ -15,7 +15,7 @@ STORAGE ?=
 # The claim every run mounts (k8s/storage/base/pvc.yaml).
 K8S_CLAIM := trainer-data
 
-.PHONY: k8s-render k8s-validate k8s-test k8s-storage k8s-apply k8s-logs k8s-delete k8s-resubmit
+.PHONY: k8s-render k8s-validate k8s-test k8s-storage _k8s-storage-kind k8s-apply k8s-logs k8s-delete k8s-resubmit
 
 k8s-render: $(STAMP) ## Render every k8s overlay and storage kind to build/k8s/
 	@mkdir -p $(K8S_OUT)
@@ -37,10 +37,13 @@ k8s-validate: k8s-render ## Validate the rendered overlays and storage strictly 
 k8s-test: $(STAMP) ## Manifest policy tests, node-topology tests and the local 2-pod run of cpu-smoke
 	$(PY) -m pytest -q tests/test_nodes.py tests/test_k8s_manifests.py tests/test_k8s_run.py
 
-k8s-storage: $(STAMP) ## Create the runs' shared claim once per namespace (STORAGE=nfs|efs|filestore|azurefile|single-node)
+k8s-storage: _k8s-storage-kind $(STAMP) ## Create the runs' shared claim once per namespace (STORAGE=nfs|efs|filestore|azurefile|single-node)
+	$(KUBECTL) apply -k $(K8S_DIR)/storage/$(STORAGE)
+
+# Checked before anything is installed or contacted: a missing choice is one line.
+_k8s-storage-kind:
 	@test -n "$(STORAGE)" -a -d "$(K8S_DIR)/storage/$(STORAGE)" || { \
 	  echo "error: STORAGE='$(STORAGE)': pick the storage kind of this cluster, one of: $(K8S_STORAGE) (README, \"Storage\")" >&2; exit 2; }
-	$(KUBECTL) apply -k $(K8S_DIR)/storage/$(STORAGE)
 
 k8s-apply: $(STAMP) ## Apply an overlay to the current kubectl context (OVERLAY=cpu-smoke|zero2|fsdp)
 	@$(KUBECTL) get pvc $(K8S_CLAIM) >/dev/null 2>&1 || { \
