@@ -18,6 +18,8 @@ from __future__ import annotations
 import sys
 
 from .config import ConfigError
+from .exitcodes import MASTER_UNREACHABLE
+from .nodes import MasterUnreachable
 
 COMMANDS = ("launch", "worker", "config", "keys", "plan", "bench", "env", "warm", "doctor")
 
@@ -33,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except MasterUnreachable as e:  # retriable (a cold node, slow DNS), unlike a config error
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(MASTER_UNREACHABLE)
 
 
 def run(cmd: str, argv: list[str]) -> None:
