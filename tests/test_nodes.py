@@ -248,7 +248,8 @@ def test_launcher_exits_master_unreachable_when_node_0_never_answers(tmp_path):
 
     port = _free_port()  # nothing listens
     settings = {**TINY, "OUTPUT_DIR": str(tmp_path / "run"), "NNODES": "2", "NODE_RANK": "1",
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "launch.master_wait_s": "1"}
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "launch.master_wait_s": "1",
+                "PREFLIGHT": "off"}  # the preflight's own wait for node 0 says the same (tests/test_preflight.py)
     p = subprocess.run([sys.executable, "-m", "train", "launch", *[f"{k}={v}" for k, v in settings.items()]],
                        cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == exitcodes.MASTER_UNREACHABLE, p.stderr[-3000:]
