@@ -381,12 +381,7 @@ def _wait_for_steps(cluster: Cluster, pods: list[Pod], n: int) -> None:
         time.sleep(0.5)
 
 
-_NEEDS_LAUNCHER_143 = pytest.mark.xfail(
-    strict=True, reason="the launcher must exit 143 (preempted) when its workers stopped on an agreed SIGTERM; "
-                        "torchrun alone exits 1, which the Job counts (engineer 'supervisor' owns train/launch.py)")
-
-
-@pytest.mark.parametrize("drained", [pytest.param([1], marks=_NEEDS_LAUNCHER_143), [0, 1]],
+@pytest.mark.parametrize("drained", [[1], [0, 1]],
                          ids=["drain-one-node", "preempt-every-node"])
 def test_a_drain_or_preemption_stops_the_gang_with_a_checkpoint_and_the_job_resumes_it(cluster, net, tmp_path, drained):
     """Draining one node (its pod gets DisruptionTarget + SIGTERM) makes every rank stop at one

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import failpoints
+from . import failpoints, progress
 from .config import ConfigError, RunConfig
 from .distributed import wait_for_export
 from .exitcodes import SUPERSEDED
@@ -302,11 +302,13 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             who = (f"generation {owner['generation'][:8]} from {owner.get('host')} since {owner.get('started')}"
                    if owner else f"nobody ({GENERATION_FILE} is missing or being rewritten)")
-            print(f"[checkpoint] superseded: OUTPUT_DIR {self.cfg.output_dir} now belongs to {who}; this gang "
-                  f"(generation {self.generation[:8]}) stops without writing (exit {SUPERSEDED})", flush=True)
+        else:
+            who = "another gang"
         sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(SUPERSEDED)  # every rank, at once; the loop's cleanup would only write more
+        # Every rank, at once; the loop's cleanup would only write more. Through the supervisor, so
+        # that this is final (no in-place restart would re-claim the run and fight the new gang).
+        progress.fatal("superseded", f"superseded: OUTPUT_DIR {self.cfg.output_dir} now belongs to {who}; this gang "
+                       f"(generation {self.generation[:8]}) stopped without writing", SUPERSEDED)
 
     def _rotate(self) -> None:
         done = complete_checkpoints(self.root)

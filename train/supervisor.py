@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import hang
 from .config import RunConfig
-from .exitcodes import CONFIG, DIVERGED, FAILED, HANG, OK, PREEMPTED, REPEATED_FAILURE, describe
+from .exitcodes import CONFIG, DIVERGED, FAILED, HANG, OK, PREEMPTED, REPEATED_FAILURE, SUPERSEDED, describe
 from .progress import ENV_DIR, ENV_SUPERVISOR, PR_SET_PDEATHSIG, failure_of, read_attempts
 
 POLL_S = 0.5
@@ -120,9 +120,9 @@ class Supervisor:
                 continue
             cur = attempts[-1]
             for o in cur["outcomes"].values():
-                if o.get("status") in ("config", "diverged"):
+                if o.get("status") in FINAL_STATUSES:
                     self._kill(cur)
-                    return (CONFIG if o["status"] == "config" else DIVERGED), o.get("message", "")
+                    return FINAL_STATUSES[o["status"]], o.get("message", "")
             if cur["attempt"] > seen_attempt:
                 seen_attempt = cur["attempt"]
                 reason, step = failure_of(attempts[-2]) if len(attempts) > 1 else ("unknown", 0)
@@ -209,7 +209,7 @@ class Supervisor:
             return OK, ""
         if self.signalled is not None:
             return PREEMPTED, ""
-        for status, code in (("config", CONFIG), ("diverged", DIVERGED)):
+        for status, code in FINAL_STATUSES.items():
             msgs = [o.get("message", "") for o in cur["outcomes"].values() if o.get("status") == status]
             if msgs:
                 return code, msgs[0]
@@ -218,6 +218,10 @@ class Supervisor:
         reason, step = failure_of(cur) if attempts else ("the launcher failed before any worker started", 0)
         return FAILED, (f"a worker failed and the restart budget (launch.max_restarts={self.cfg.launch.max_restarts}) "
                         f"is spent: {reason} at step {step}")
+
+
+# Outcomes a rank reports through progress.fatal: final, so the whole job ends at once with its code.
+FINAL_STATUSES = {"config": CONFIG, "diverged": DIVERGED, "superseded": SUPERSEDED}
 
 
 def _reap() -> None:
