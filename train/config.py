@@ -52,6 +52,11 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     activation_checkpointing: bool = False
     compile: bool = False
+    # LoRA (PEFT): r > 0 freezes the model and trains low-rank adapters on the target modules.
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning (no adapters)"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input, in [0, 1)"})
+    lora_target_modules: str = field(default="", metadata={"help": "comma-separated module names, or all-linear; empty = PEFT's default for the architecture (llama: q_proj,v_proj)"})
 
 
 @dataclass
@@ -96,13 +101,16 @@ class CheckpointConfig:
     keep: int = field(default=2, metadata={"help": "complete checkpoints to keep"})
     resume: str = field(default="auto", metadata={"help": "auto (newest complete checkpoint, if any) | never (refuse if any exist) | PATH"})
     export: bool = field(default=True, metadata={"help": "write OUTPUT_DIR/final (safetensors + config + tokenizer) at the end"})
+    merge_lora: bool = field(default=True, metadata={"help": "with LoRA, also write the adapters merged into the model in final/ (the adapter alone goes to final/adapter)"})
 
 
 @dataclass
 class LogConfig:
     every: int = 10
-    tensorboard: bool = True
+    tensorboard: bool = field(default=True, metadata={"help": "false drops tensorboard from log.trackers (older run files)"})
     progress: bool = True
+    trackers: str = field(default="tensorboard", metadata={"help": "comma-separated: tensorboard, mlflow, wandb (or none); same metrics as metrics.jsonl"})
+    project: str = field(default="train", metadata={"help": "MLflow experiment / W&B project name"})
 
 
 @dataclass
@@ -129,6 +137,8 @@ class RunConfig:
             "dataset": self.data.dataset,
             "strategy_family": strategy_family(self.launch),
             "seed": self.seed,
+            # only with LoRA, so checkpoints of full fine-tuning runs keep their fingerprint
+            **({"lora": f"r={self.model.lora_r} targets={self.model.lora_target_modules}"} if self.model.lora_r else {}),
         }
 
     def fingerprint_hash(self) -> str:
@@ -176,6 +186,8 @@ ENV_VARS: dict[str, str] = {
     "MAX_STEPS": "train.max_steps",
     "LR": "optim.lr",
     "LOG_EVERY": "log.every",
+    "TRACKERS": "log.trackers",
+    "LORA_R": "model.lora_r",
     "CHECKPOINT_EVERY": "checkpoint.every",
     "KEEP_CHECKPOINTS": "checkpoint.keep",
     "RESUME": "checkpoint.resume",

@@ -46,7 +46,17 @@ def preflight(cfg: RunConfig, world_size: int, device: str) -> None:
     resolve_batch(cfg, world_size)
     resolve_source(cfg.data)
     check_model_source(cfg.model)
+    check_finetuning_and_tracking(cfg)
     find_resume(cfg, world_size)
+
+
+def check_finetuning_and_tracking(cfg: RunConfig) -> None:
+    """LoRA targets (on a meta-device model) and tracker names/packages: one line each, exit 2."""
+    from .lora import check_lora
+    from .tracking import check_trackers
+
+    check_trackers(cfg)
+    check_lora(cfg.model)
 
 
 def accelerate_args(cfg: RunConfig, spec, nproc: int, device: str) -> list[str]:

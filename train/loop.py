@@ -17,6 +17,7 @@ import torch
 
 from . import data as data_mod
 from . import failpoints
+from . import lora
 from .checkpoint import Checkpointer, TrainState, export_final, find_resume
 from .config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
 from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, align_scheduler, build_accelerator,
@@ -25,6 +26,7 @@ from .flops import device_peak_flops, flops_per_token, mfu
 from .metrics import MetricsLog, StepTimer, peak_memory_mb
 from .model import build_model, is_preset, load_tokenizer, model_config, param_count
 from .preemption import EXIT_PREEMPTED, StopSignal
+from .tracking import start_trackers
 
 IGNORE_INDEX = -100
 
@@ -37,6 +39,9 @@ def build_optimizer(model, cfg: RunConfig, device: str):
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     O = cfg.optim
     groups = [{"params": decay, "weight_decay": O.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Drop an empty group (LoRA adapters are all matrices): ZeRO drops it, and the LR scheduler
+    # built on our groups would then no longer line up with DeepSpeed's (align_scheduler).
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=O.lr, betas=(O.beta1, O.beta2), eps=O.eps, fused=device == "cuda")
 
 
@@ -110,8 +115,13 @@ def train(cfg: RunConfig) -> int:
     if model is None:
         set_seed(cfg.seed)
         model = build_model(cfg.model, len(tokenizer))
-    n_params = param_count(model)
-    full = HeldBytes(4 * n_params, 4 * n_params, 8 * n_params)  # fp32 replica: what DDP holds
+    if lora.enabled(cfg.model):
+        set_seed(cfg.seed)  # the same adapter init on every rank and under every strategy
+        model = lora.apply_lora(model, cfg.model)
+    n_params, n_train = param_count(model), lora.trainable_count(model)
+    full = HeldBytes(4 * n_params, 4 * n_train, 8 * n_train)  # fp32 replica: what DDP holds
+    if acc.is_main_process:
+        print(f"[train] parameters: {n_params} total, {n_train} trainable", flush=True)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
     sampler = data_mod.GlobalCursorSampler(len(splits.train), global_batch, cfg.seed)
@@ -119,8 +129,7 @@ def train(cfg: RunConfig) -> int:
     evals = data_mod.eval_loader(splits.eval, cfg.train.micro_batch)
     model, optimizer, loader, evals, scheduler = acc.prepare(model, optimizer, loader, evals, scheduler)
     align_scheduler(scheduler, optimizer)
-    if cfg.log.tensorboard:
-        acc.init_trackers("train", config={k: v for k, v in _flat(cfg.to_dict()).items() if isinstance(v, (int, float, str, bool))})
+    start_trackers(acc, cfg, {k: v for k, v in _flat(cfg.redacted()).items() if isinstance(v, (int, float, str, bool))})
 
     ckpt = Checkpointer(cfg, acc, {"strategy": strategy_name(cfg.launch), "global_batch": global_batch})
     state = TrainState()
@@ -208,7 +217,8 @@ def train(cfg: RunConfig) -> int:
     if not (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
         log.log({"step": state.step, **evaluate(model, evals, acc, cfg.train.eval_batches)})
     if cfg.checkpoint.export:
-        out = export_final(acc, model, tokenizer, Path(cfg.output_dir) / "final", config_yaml)
+        out = export_final(acc, model, tokenizer, Path(cfg.output_dir) / "final", config_yaml,
+                           merge_lora=cfg.checkpoint.merge_lora)
         save_probe(model, splits.eval, acc, Path(cfg.output_dir) / "final_probe.pt")
         if out is not None:
             print(f"[train] exported {out} (load with AutoModelForCausalLM.from_pretrained)", flush=True)
