@@ -1,0 +1,85 @@
+"""Trackers through accelerate: one 2-process run logs to TensorBoard, MLflow (local SQLite
+store under OUTPUT_DIR) and W&B (offline) at once; each must hold what metrics.jsonl holds."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, args_for, job_env, read_metrics, train
+from helpers import assert_refused, flat, wandb_run
+
+pytestmark = pytest.mark.slow
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tracked")
+    env = {"WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": "", "WANDB_DIR": "", "WANDB_API_KEY": ""}
+    train(out, env=env, TRACKERS="tensorboard,mlflow,wandb", MAX_STEPS=STEPS, CHECKPOINT_EVERY=0,
+          **{"checkpoint.export": "false", "log.tensorboard": "true"})
+    return out
+
+
+def _logged(out) -> dict:
+    """metric -> [(step, value)] as metrics.jsonl has them (what MetricsLog hands the trackers)."""
+    series = {}
+    for r in read_metrics(out, raw=True):
+        for k, v in r.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                series.setdefault(k, []).append((r["step"], v))
+    return series
+
+
+def _params(out) -> dict:
+    """The resolved, redacted config the run saved with its checkpoint, flattened."""
+    (ckpt,) = (out / "checkpoints").iterdir()
+    return flat(yaml.safe_load((ckpt / "run_config.yaml").read_text()))
+
+
+def test_mlflow_store_holds_the_config_and_the_metrics_of_metrics_jsonl(run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "train"]
+    (mlrun,) = client.search_runs([exp.experiment_id])
+    assert mlrun.data.params == {k: str(v) for k, v in _params(run).items()}
+    logged = _logged(run)
+    assert "loss" in logged and len(logged["loss"]) == STEPS
+    for key, series in logged.items():
+        history = [(m.step, m.value) for m in client.get_metric_history(mlrun.info.run_id, key)]
+        assert sorted(history) == series, key
+
+
+def test_wandb_offline_run_holds_the_config_and_the_history(run):
+    (run_dir,) = (run / "wandb").glob("offline-run-*")
+    config, history = wandb_run(run_dir)
+    assert {k: v for k, v in config.items() if not k.startswith("_")} == _params(run)
+    by_step = {}
+    for row in history:
+        by_step.setdefault(row["_step"], {}).update(row)
+    for key, series in _logged(run).items():
+        assert [(s, by_step[s][key]) for s, _ in series] == series, key
+
+
+def test_tensorboard_writes_beside_the_others_and_is_the_default(run):
+    from train.config import load_config
+    from train.tracking import tracker_names
+
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert tracker_names(load_config([], env={}, dotenv_path=None)) == ["tensorboard"]
+
+
+@pytest.mark.parametrize("trackers, fragments", [
+    ("tensorboard,neptune", ["unknown tracker 'neptune'", "allowed: tensorboard, mlflow, wandb"]),
+])
+def test_unknown_tracker_is_refused_before_any_process_starts(trackers, fragments, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "train", *args_for(tmp_path, TRACKERS=trackers)], cwd=REPO,
+                       env=job_env(), capture_output=True, text=True, timeout=120)
+    assert_refused(p, *fragments)
