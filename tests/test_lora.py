@@ -117,3 +117,28 @@ def test_a_lora_target_the_model_lacks_is_refused_in_one_line(pretrained, tmp_pa
     p = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=job_env(), capture_output=True,
                        text=True, timeout=120)
     assert_refused(p, "model.lora_target_modules='q_proj,qkv_proj'", "no module named qkv_proj", "v_proj")
+
+
+def test_a_lora_checkpoint_is_not_resumed_with_other_lora_settings(tmp_path):
+    from train.checkpoint import check_compatible
+    from train.config import ConfigError, load_config
+
+    def cfg(*args):
+        return load_config(list(args), env={}, dotenv_path=None)
+
+    saved = {"fingerprint": cfg("LORA_R=8").fingerprint()}
+    for other in (cfg(), cfg("LORA_R=16"), cfg("LORA_R=8", "model.lora_target_modules=all-linear")):
+        with pytest.raises(ConfigError, match="lora: checkpoint has 'r=8 targets='"):
+            check_compatible(saved, other, 1, tmp_path)
+    # a checkpoint written before LoRA existed still resumes a run without LoRA
+    plain = cfg()
+    check_compatible({"fingerprint": {k: v for k, v in plain.fingerprint().items() if k != "lora"}}, plain, 1, tmp_path)
+
+
+def test_the_lora_run_file_loads_and_its_targets_fit_the_model(pretrained):
+    from train.config import load_config
+    from train.launch import check_finetuning_and_tracking
+
+    cfg = load_config(["CONFIG=configs/runs/lora.yaml", f"MODEL={pretrained}"], env={}, dotenv_path=None)
+    assert cfg.model.lora_r == 16 and cfg.checkpoint.merge_lora
+    check_finetuning_and_tracking(cfg)

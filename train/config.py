@@ -137,8 +137,8 @@ class RunConfig:
             "dataset": self.data.dataset,
             "strategy_family": strategy_family(self.launch),
             "seed": self.seed,
-            # only with LoRA, so checkpoints of full fine-tuning runs keep their fingerprint
-            **({"lora": f"r={self.model.lora_r} targets={self.model.lora_target_modules}"} if self.model.lora_r else {}),
+            # None without LoRA: checkpoints written before this key existed still match
+            "lora": f"r={self.model.lora_r} targets={self.model.lora_target_modules}" if self.model.lora_r else None,
         }
 
     def fingerprint_hash(self) -> str:
