@@ -78,10 +78,12 @@ def test_tensorboard_writes_beside_the_others_and_is_the_default(run):
 
 @pytest.mark.parametrize("trackers, fragments", [
     ("tensorboard,neptune", ["unknown tracker 'neptune'", "allowed: tensorboard, mlflow, wandb"]),
+    ("wandb", ["no W&B login was found", "WANDB_MODE=offline"]),  # online, no key: not 2 ranks failing later
 ])
-def test_unknown_tracker_is_refused_before_any_process_starts(trackers, fragments, tmp_path):
+def test_bad_tracker_settings_are_refused_before_any_process_starts(trackers, fragments, tmp_path):
+    env = {"WANDB_MODE": "", "WANDB_API_KEY": "", "NETRC": str(tmp_path / "no-netrc")}
     p = subprocess.run([sys.executable, "-m", "train", *args_for(tmp_path, TRACKERS=trackers)], cwd=REPO,
-                       env=job_env(), capture_output=True, text=True, timeout=120)
+                       env=job_env(env), capture_output=True, text=True, timeout=120)
     assert_refused(p, *fragments)
 
 

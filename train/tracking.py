@@ -41,6 +41,24 @@ def check_trackers(cfg: RunConfig) -> None:
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"tracker {name!r} needs the {package} package, which is not installed; "
                               f"pip install -c constraints.txt {package}, or drop it from TRACKERS")
+    if "wandb" in tracker_names(cfg) and not _wandb_can_log():
+        raise ConfigError("TRACKERS includes wandb but no W&B login was found; set WANDB_API_KEY (or run "
+                          "`wandb login`), or WANDB_MODE=offline to keep the run local")
+
+
+def _wandb_can_log() -> bool:
+    """Offline/disabled runs need nothing; online ones a key from the environment or ~/.netrc
+    (where `wandb login` writes it). Otherwise each rank would fail inside wandb.init."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled") or os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def mlflow_uri(output_dir: str) -> str:
