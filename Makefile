@@ -11,10 +11,13 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 # Run settings reach the package as environment variables: make exports variables given on its
 # command line (`make train STRATEGY=zero2`) by itself. They are not exported here on purpose:
 # an exported unset variable arrives as an empty string and would hide the value in `.env`.
-# The names are train/config.py's ENV_VARS (`make keys` prints every key with its default);
-# the same names work in `.env`, compose and the Kubernetes manifests.
+# The names come from the package (the `env` of each field in train/config.py, listed by
+# `python -m train keys --env-names`; `make keys` prints every key with its default); the same
+# names work in `.env`, compose and the Kubernetes manifests. Evaluated when used, with the
+# venv's Python if there is one (listing them needs only the standard library).
 HERE := $(dir $(firstword $(MAKEFILE_LIST)))
-RUN_VARS := CONFIG $(shell sed -n 's/^    "\([A-Z_]*\)": "[a-z_.]*",$$/\1/p' $(HERE)train/config.py)
+RUN_VARS = $(or $(_RUN_VARS),$(eval _RUN_VARS := $(shell cd $(HERE) && \
+  $(firstword $(wildcard $(abspath $(PY))) $(PYTHON)) -m train keys --env-names))$(_RUN_VARS))
 
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=

@@ -93,8 +93,53 @@ def test_every_short_name_maps_to_a_real_key():
 
 
 def test_makefile_reads_run_settings_from_the_config_table():
+    """The Makefile's RUN_VARS (what `make` passes on to compose) are the package's names."""
+    import subprocess
+
     makefile = (REPO / "Makefile").read_text()
-    assert "train/config.py" in makefile and "RUN_VARS" in makefile
+    assert "keys --env-names" in makefile and "RUN_VARS" in makefile
+    out = subprocess.run(["make", "-s", "-f", str(REPO / "Makefile"), "help", f"VENV={REPO / '.venv'}"],
+                         capture_output=True, text=True, timeout=60, cwd="/")
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("Run settings"))
+    assert line.split(": ", 1)[1].split() == ["CONFIG", *ENV_VARS]
+
+
+def test_every_enumerated_setting_is_checked_against_its_literal_type():
+    import typing
+
+    from train.config import RunConfig, help_text
+
+    hints = typing.get_type_hints(RunConfig)
+    literals = {f"{sec}.{k}": typing.get_args(t) for sec in ("launch", "train", "optim")
+                for k, t in typing.get_type_hints(hints[sec]).items() if typing.get_origin(t) is typing.Literal}
+    assert literals == {"launch.device": ("auto", "cpu", "cuda"), "train.precision": ("no", "bf16", "fp16"),
+                        "optim.schedule": ("cosine", "linear", "constant")}
+    for key, allowed in literals.items():
+        assert load([f"{key}={allowed[-1]}"]) is not None
+        with pytest.raises(ConfigError, match=f"unknown {key.split('.')[1]} 'x'; allowed: {', '.join(allowed)}"):
+            load([f"{key}=x"])
+        assert " | ".join(allowed) in help_text()
+
+
+def test_strategy_rows_agree_with_their_config_files():
+    """zero_stage and offload are said in the row and in the files: they must agree."""
+    import json
+
+    import yaml
+
+    for s in STRATEGIES.values():
+        acc = yaml.safe_load(s.accelerate_config.read_text())
+        if s.family == "deepspeed":
+            zero = json.loads(s.deepspeed_config.read_text())["zero_optimization"]
+            assert zero["stage"] == s.zero_stage, s.name
+            offloaded = {k for k in ("offload_param", "offload_optimizer") if zero.get(k, {}).get("device") == "cpu"}
+            assert offloaded == ({"offload_param", "offload_optimizer"} if s.offload else set()), s.name
+        else:
+            assert s.zero_stage is None, s.name
+        if s.family == "fsdp":
+            assert acc["fsdp_config"]["fsdp_offload_params"] is s.offload, s.name
+        if s.family == "ddp":
+            assert not s.offload and not s.shards
 
 
 def test_strategy_files_and_table_agree():

@@ -5,6 +5,7 @@ Commands:
   worker   one rank of the job (what `accelerate launch` runs; not for direct use)
   config   print the resolved configuration and exit
   keys     list every config key with its default, env name and meaning
+           (--env-names: only the short environment names, one per line)
   plan     per-GPU memory of each strategy for a model (see train/plan.py)
   bench    the benchmark table (see train/bench.py)
   env      versions of everything that matters, and `accelerate env`
@@ -35,9 +36,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(cmd: str, argv: list[str]) -> None:
     if cmd == "keys":
-        from .config import help_text
+        from .config import env_names, help_text
 
-        print(help_text())
+        print("\n".join(env_names()) if "--env-names" in argv else help_text())
     elif cmd == "env":
         from .envinfo import print_env
 

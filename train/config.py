@@ -15,65 +15,69 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
-
-import yaml
+from typing import Any, Literal, Mapping
 
 from .strategies import CUSTOM, REPO_ROOT, STRATEGIES
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "runs" / "tiny.yaml"
-PRECISIONS = ("no", "bf16", "fp16")
-SCHEDULES = ("cosine", "linear", "constant")
 
 
 class ConfigError(ValueError):
     """Bad user input: printed as one line, exit code 2."""
 
 
+def setting(default: Any, help: str = "", env: str | None = None) -> Any:
+    """A config field: its default, its help line for `make keys`, and its short environment
+    name (the one name the Makefile, `.env`, compose and Kubernetes use; see ``ENV_VARS``)."""
+    return field(default=default, metadata={"help": help, **({"env": env} if env else {})})
+
+
+# Enumerated settings are Literal types: `make keys` lists and the loader checks the values
+# through typing.get_args, so each list of allowed values is written once, here.
 @dataclass
 class LaunchConfig:
-    strategy: str = field(default="ddp", metadata={"help": f"one of {', '.join(STRATEGIES)}"})
-    accelerate_config: str = field(default="", metadata={"help": "your own `accelerate config` file (overrides strategy)"})
-    nproc_per_node: int = field(default=0, metadata={"help": "processes per node; 0 = GPUs on this node, or 2 on CPU"})
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    timeout_s: int = field(default=300, metadata={"help": "collective/rendezvous timeout: a dead peer fails the job after this"})
-    master_wait_s: int = field(default=120, metadata={"help": "how long a non-master node waits for the master to resolve and listen"})
+    strategy: str = setting("ddp", f"one of {', '.join(STRATEGIES)}", env="STRATEGY")
+    accelerate_config: str = setting("", "your own `accelerate config` file (overrides strategy)", env="ACCELERATE_CONFIG")
+    nproc_per_node: int = setting(0, "processes per node; 0 = GPUs on this node, or 2 on CPU", env="NPROC")
+    nnodes: int = setting(1, env="NNODES")
+    node_rank: int = setting(0, env="NODE_RANK")
+    master_addr: str = setting("127.0.0.1", env="MASTER_ADDR")
+    master_port: int = setting(29500, env="MASTER_PORT")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", env="DEVICE")
+    timeout_s: int = setting(300, "collective/rendezvous timeout: a dead peer fails the job after this", env="DIST_TIMEOUT")
+    master_wait_s: int = setting(120, "how long a non-master node waits for the master to resolve and listen")
 
 
 @dataclass
 class ModelConfig:
-    name: str = field(default="llama-tiny", metadata={"help": "preset name, hub id or local directory"})
-    tokenizer: str = field(default="", metadata={"help": "hub id or directory; empty = the model's own (or the built-in one for presets)"})
+    name: str = setting("llama-tiny", "preset name, hub id or local directory", env="MODEL")
+    tokenizer: str = setting("", "hub id or directory; empty = the model's own (or the built-in one for presets)", env="TOKENIZER")
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
     activation_checkpointing: bool = False
     compile: bool = False
     # LoRA (PEFT): r > 0 freezes the model and trains low-rank adapters on the target modules.
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning (no adapters)"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input, in [0, 1)"})
-    lora_target_modules: str = field(default="", metadata={"help": "comma-separated module names, or all-linear; empty = PEFT's default for the architecture (llama: q_proj,v_proj)"})
+    lora_r: int = setting(0, "LoRA rank; 0 = full fine-tuning (no adapters)", env="LORA_R")
+    lora_alpha: float = setting(16.0, "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input, in [0, 1)")
+    lora_target_modules: str = setting("", "comma-separated module names, or all-linear; empty = PEFT's default for the architecture (llama: q_proj,v_proj)")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = field(default="builtin:tiny-stories", metadata={"help": "builtin:NAME, hub id, or local text/jsonl/parquet file or directory"})
+    dataset: str = setting("builtin:tiny-stories", "builtin:NAME, hub id, or local text/jsonl/parquet file or directory", env="DATASET")
     dataset_config: str = ""
     split: str = "train"
     text_field: str = "text"
-    seq_len: int = 128
+    seq_len: int = setting(128, env="SEQ_LEN")
     eval_fraction: float = 0.05
     num_workers: int = 0
-    cache_dir: str = field(default="", metadata={"help": "where tokenized data is cached; empty = OUTPUT_DIR/../.cache/data"})
+    cache_dir: str = setting("", "where tokenized data is cached; empty = OUTPUT_DIR/../.cache/data")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = setting(3e-3, env="LR")
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -81,42 +85,42 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     warmup_steps: int = 10
-    schedule: str = field(default="cosine", metadata={"help": " | ".join(SCHEDULES)})
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
 
 
 @dataclass
 class TrainConfig:
-    precision: str = field(default="no", metadata={"help": " | ".join(PRECISIONS)})
-    micro_batch: int = field(default=8, metadata={"help": "sequences per rank per forward pass"})
-    grad_accum: int = 1
-    global_batch: int = field(default=0, metadata={"help": "sequences per optimizer step; 0 = micro_batch x grad_accum x world size. If set, grad_accum is derived from it"})
-    max_steps: int = 200
+    precision: Literal["no", "bf16", "fp16"] = setting("no", env="PRECISION")
+    micro_batch: int = setting(8, "sequences per rank per forward pass", env="MICRO_BATCH")
+    grad_accum: int = setting(1, env="GRAD_ACCUM")
+    global_batch: int = setting(0, "sequences per optimizer step; 0 = micro_batch x grad_accum x world size. If set, grad_accum is derived from it", env="GLOBAL_BATCH")
+    max_steps: int = setting(200, env="MAX_STEPS")
     eval_every: int = 100
     eval_batches: int = 4
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = field(default=100, metadata={"help": "save every N optimizer steps (0 = only at the end)"})
-    keep: int = field(default=2, metadata={"help": "complete checkpoints to keep"})
-    resume: str = field(default="auto", metadata={"help": "auto (newest complete checkpoint, if any) | never (refuse if any exist) | PATH"})
-    export: bool = field(default=True, metadata={"help": "write OUTPUT_DIR/final (safetensors + config + tokenizer) at the end"})
-    merge_lora: bool = field(default=True, metadata={"help": "with LoRA, also write the adapters merged into the model in final/ (the adapter alone goes to final/adapter)"})
+    every: int = setting(100, "save every N optimizer steps (0 = only at the end)", env="CHECKPOINT_EVERY")
+    keep: int = setting(2, "complete checkpoints to keep", env="KEEP_CHECKPOINTS")
+    resume: str = setting("auto", "auto (newest complete checkpoint, if any) | never (refuse if any exist) | PATH", env="RESUME")
+    export: bool = setting(True, "write OUTPUT_DIR/final (safetensors + config + tokenizer) at the end")
+    merge_lora: bool = setting(True, "with LoRA, also write the adapters merged into the model in final/ (the adapter alone goes to final/adapter)")
 
 
 @dataclass
 class LogConfig:
-    every: int = 10
-    tensorboard: bool = field(default=True, metadata={"help": "false drops tensorboard from log.trackers (older run files)"})
+    every: int = setting(10, env="LOG_EVERY")
+    tensorboard: bool = setting(True, "false drops tensorboard from log.trackers (older run files)")
     progress: bool = True
-    trackers: str = field(default="tensorboard", metadata={"help": "comma-separated: tensorboard, mlflow, wandb (or none); same metrics as metrics.jsonl"})
-    project: str = field(default="train", metadata={"help": "MLflow experiment / W&B project name"})
+    trackers: str = setting("tensorboard", "comma-separated: tensorboard, mlflow, wandb (or none); same metrics as metrics.jsonl", env="TRACKERS")
+    project: str = setting("train", "MLflow experiment / W&B project name")
 
 
 @dataclass
 class RunConfig:
-    output_dir: str = "outputs/run"
-    seed: int = 1234
+    output_dir: str = setting("outputs/run", env="OUTPUT_DIR")
+    seed: int = setting(1234, env="SEED")
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -164,36 +168,19 @@ def strategy_family(launch: LaunchConfig) -> str:
     return s.family if s else CUSTOM
 
 
-# Short names shared by the Makefile, `.env`, compose and Kubernetes. One table, read everywhere.
-ENV_VARS: dict[str, str] = {
-    "STRATEGY": "launch.strategy",
-    "ACCELERATE_CONFIG": "launch.accelerate_config",
-    "NPROC": "launch.nproc_per_node",
-    "NNODES": "launch.nnodes",
-    "NODE_RANK": "launch.node_rank",
-    "MASTER_ADDR": "launch.master_addr",
-    "MASTER_PORT": "launch.master_port",
-    "DEVICE": "launch.device",
-    "DIST_TIMEOUT": "launch.timeout_s",
-    "MODEL": "model.name",
-    "TOKENIZER": "model.tokenizer",
-    "DATASET": "data.dataset",
-    "SEQ_LEN": "data.seq_len",
-    "PRECISION": "train.precision",
-    "MICRO_BATCH": "train.micro_batch",
-    "GRAD_ACCUM": "train.grad_accum",
-    "GLOBAL_BATCH": "train.global_batch",
-    "MAX_STEPS": "train.max_steps",
-    "LR": "optim.lr",
-    "LOG_EVERY": "log.every",
-    "TRACKERS": "log.trackers",
-    "LORA_R": "model.lora_r",
-    "CHECKPOINT_EVERY": "checkpoint.every",
-    "KEEP_CHECKPOINTS": "checkpoint.keep",
-    "RESUME": "checkpoint.resume",
-    "OUTPUT_DIR": "output_dir",
-    "SEED": "seed",
-}
+def _key_fields() -> list[tuple[str, dataclasses.Field]]:
+    """Every config key (``section.key`` or a top-level key) with its dataclass field, in order."""
+    out = []
+    for f in dataclasses.fields(RunConfig):
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            out += [(f"{f.name}.{g.name}", g) for g in dataclasses.fields(f.default_factory)]
+        else:
+            out.append((f.name, f))
+    return out
+
+
+# Short names shared by the Makefile, `.env`, compose and Kubernetes, from the fields' metadata.
+ENV_VARS: dict[str, str] = {f.metadata["env"]: key for key, f in _key_fields() if "env" in f.metadata}
 CONFIG_ENV = "CONFIG"  # path of the YAML run file
 SECRET_WORDS = ("token", "secret", "password", "key")
 
@@ -211,11 +198,7 @@ def _sections() -> dict[str, type]:
 
 
 def allowed_keys() -> list[str]:
-    keys = []
-    for f in dataclasses.fields(RunConfig):
-        sec = _sections().get(f.name)
-        keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(sec)] if sec else [f.name]
-    return keys
+    return [key for key, _ in _key_fields()]
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -238,6 +221,12 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return typ(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}={value!r} must be {'an integer' if typ is int else 'a number'}") from None
+    if typing.get_origin(typ) is Literal:
+        s = _coerce(key, value, str)
+        allowed = typing.get_args(typ)
+        if s not in allowed:
+            raise ConfigError(f"unknown {key.rsplit('.', 1)[-1]} {s!r}; allowed: {', '.join(allowed)}")
+        return s
     if typ is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key} must be a string, got {type(value).__name__}")
@@ -289,6 +278,8 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
 
 def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = None, dotenv_path: str | None = ".env") -> RunConfig:
     """Resolve the run configuration. Pure apart from reading the YAML and `.env` files."""
+    import yaml  # here, not at the top: `keys --env-names` (the Makefile's) runs without PyYAML
+
     from_dotenv: set[str] = set()
     if dotenv_path and Path(dotenv_path).is_file():
         from dotenv import dotenv_values
@@ -332,17 +323,11 @@ def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = N
 
 def validate(cfg: RunConfig) -> None:
     """Checks that need no process group: everything a user can get wrong in the config."""
-    L, T, O = cfg.launch, cfg.train, cfg.optim
+    L, T = cfg.launch, cfg.train
     if not L.accelerate_config and L.strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {L.strategy!r}; allowed: {', '.join(STRATEGIES)}")
     if L.accelerate_config and not Path(L.accelerate_config).is_file():
         raise ConfigError(f"ACCELERATE_CONFIG file {L.accelerate_config!r} not found")
-    if T.precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {T.precision!r}; allowed: {', '.join(PRECISIONS)}")
-    if O.schedule not in SCHEDULES:
-        raise ConfigError(f"unknown schedule {O.schedule!r}; allowed: {', '.join(SCHEDULES)}")
-    if L.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"unknown device {L.device!r}; allowed: auto, cpu, cuda")
     for key, v, lo in (
         ("train.micro_batch", T.micro_batch, 1), ("train.grad_accum", T.grad_accum, 1),
         ("train.max_steps", T.max_steps, 1), ("data.seq_len", cfg.data.seq_len, 8),
@@ -380,16 +365,23 @@ def resolve_batch(cfg: RunConfig, world_size: int) -> tuple[int, int]:
 
 
 def dump_yaml(cfg: RunConfig, redact: bool = True) -> str:
+    import yaml
+
     return yaml.safe_dump(cfg.redacted() if redact else cfg.to_dict(), sort_keys=False)
 
 
 def help_text() -> str:
+    hints = {**typing.get_type_hints(RunConfig),
+             **{f"{sec}.{k}": t for sec, cls in _sections().items() for k, t in typing.get_type_hints(cls).items()}}
     lines = []
-    for f in dataclasses.fields(RunConfig):
-        sec = _sections().get(f.name)
-        for g in dataclasses.fields(sec) if sec else [f]:
-            key = f"{f.name}.{g.name}" if sec else f.name
-            default = g.default if g.default is not dataclasses.MISSING else "-"
-            env = next((e for e, d in ENV_VARS.items() if d == key), "")
-            lines.append(f"  {key:32} {str(default)!r:28} {env:18} {g.metadata.get('help', '')}")
+    for key, f in _key_fields():
+        default = f.default if f.default is not dataclasses.MISSING else "-"
+        allowed = typing.get_args(hints[key]) if typing.get_origin(hints[key]) is Literal else ()
+        text = f.metadata.get("help") or " | ".join(allowed)
+        lines.append(f"  {key:32} {str(default)!r:28} {f.metadata.get('env', ''):18} {text}")
     return "\n".join(lines)
+
+
+def env_names() -> list[str]:
+    """The short environment names, CONFIG first: what the Makefile passes on (its RUN_VARS)."""
+    return [CONFIG_ENV, *ENV_VARS]

@@ -11,7 +11,9 @@ import math
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,10 +24,12 @@ from .checkpoint import Checkpointer, TrainState, export_final, find_resume
 from .config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
 from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, align_scheduler, build_accelerator,
                           check_engaged, check_sharded, resolve_device)
-from .flops import device_peak_flops, flops_per_token, mfu
-from .metrics import MetricsLog, StepTimer, peak_memory_mb
+from .flops import device_peak_flops, flops_per_token
+from .metrics import MetricsLog, MetricsWindow
 from .model import build_model, is_preset, load_tokenizer, model_config, param_count
+from .plan import held_bytes
 from .preemption import EXIT_PREEMPTED, StopSignal
+from .strategies import GRADS, OPTIM, PARAMS, Strategy
 from .tracking import start_trackers
 
 IGNORE_INDEX = -100
@@ -81,7 +85,41 @@ def forward_backward(model, micro: list[dict], acc) -> torch.Tensor:
     return total
 
 
-def train(cfg: RunConfig) -> int:
+@dataclass
+class Run:
+    """Everything the loop trains with: built, prepared and resumed by ``setup``."""
+
+    cfg: RunConfig
+    acc: Any  # accelerate.Accelerator
+    strategy: Strategy | None
+    tokenizer: Any
+    splits: Any  # data.Splits: train and eval blocks
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    sampler: data_mod.GlobalCursorSampler
+    loader: Any
+    evals: Any
+    ckpt: Checkpointer
+    state: TrainState
+    log: MetricsLog
+    probe: HeldBytesProbe
+    full: HeldBytes  # what a DDP rank would hold: the yardstick of check_sharded
+    stop: StopSignal
+    grad_accum: int
+    global_batch: int
+    tokens_per_step: int
+    config_yaml: str
+    mconf: Any  # the transformers model config
+
+    def close(self) -> None:
+        self.probe.close()
+        self.log.close()
+        self.acc.end_training()
+
+
+def setup(cfg: RunConfig) -> Run:
+    """Build the accelerator, check it engaged, build model/data/optimizer, prepare, resume."""
     # DeepSpeed calls torch collectives that torch deprecates, once per call: noise, not news.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
                             category=FutureWarning)
@@ -119,9 +157,11 @@ def train(cfg: RunConfig) -> int:
         set_seed(cfg.seed)  # the same adapter init on every rank and under every strategy
         model = lora.apply_lora(model, cfg.model)
     n_params, n_train = param_count(model), lora.trainable_count(model)
-    full = HeldBytes(4 * n_params, 4 * n_train, 8 * n_train)  # fp32 replica: what DDP holds
     if acc.is_main_process:
         print(f"[train] parameters: {n_params} total, {n_train} trainable", flush=True)
+    # The planner's formula for a full replica; gradients and Adam state exist for trainable parameters only (LoRA).
+    ddp, ddp_trained = held_bytes("ddp", n_params, world_size=1), held_bytes("ddp", n_train, world_size=1)
+    full = HeldBytes(parameters=ddp[PARAMS], gradients=ddp_trained[GRADS], optimizer=ddp_trained[OPTIM])
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
     sampler = data_mod.GlobalCursorSampler(len(splits.train), global_batch, cfg.seed)
@@ -140,92 +180,83 @@ def train(cfg: RunConfig) -> int:
             print(f"[train] resumed from {resume_from} at step {state.step} (epoch {state.epoch}, "
                   f"{state.samples_in_epoch} samples into it)", flush=True)
     log = MetricsLog(acc, cfg.output_dir, cfg.train.max_steps, state.step, cfg.log.progress)
-    probe = HeldBytesProbe(model, optimizer)
-    tokens_per_step = global_batch * cfg.data.seq_len
-    # MFU: model FLOPs per token (train/flops.py) against the device's peak; None on CPU/unknown GPUs.
-    flops_token = flops_per_token(mconf, cfg.data.seq_len, trust_remote_code=cfg.model.trust_remote_code)
-    peak = device_peak_flops(acc.device, cfg.train.precision)
+    return Run(cfg, acc, strategy, tokenizer, splits, model, optimizer, scheduler, sampler, loader, evals, ckpt,
+               state, log, HeldBytesProbe(model, optimizer), full, stop, grad_accum, global_batch,
+               global_batch * cfg.data.seq_len, config_yaml, mconf)
 
-    W, A = acc.num_processes, grad_accum
-    timer = StepTimer(acc.device)
-    window_loss = torch.zeros((), device=acc.device)
-    window_hash = torch.zeros((), dtype=torch.long, device=acc.device)
-    window_steps, grad_norm, last_saved = 0, None, state.step
-    stopped = False
+
+def metrics_window(r: Run) -> MetricsWindow:
+    # MFU: model FLOPs per token (train/flops.py) against the device's peak; None on CPU/unknown GPUs.
+    flops_token = flops_per_token(r.mconf, r.cfg.data.seq_len, trust_remote_code=r.cfg.model.trust_remote_code)
+    return MetricsWindow(r.acc, r.grad_accum, r.tokens_per_step, flops_token,
+                         device_peak_flops(r.acc.device, r.cfg.train.precision))
+
+
+def train(cfg: RunConfig) -> int:
+    r = setup(cfg)
+    acc, state, model, optimizer = r.acc, r.state, r.model, r.optimizer
+    window = metrics_window(r)
+    last_saved, stopped = state.step, False
     model.train()
     while state.step < cfg.train.max_steps and not stopped:
-        sampler.set_position(state.epoch, state.samples_in_epoch)
-        batches = iter(loader)
-        for _ in range(sampler.steps_per_epoch - state.samples_in_epoch // global_batch):
-            micro = [next(batches) for _ in range(A)]
-            probe.reset(armed=state.step == 0 or (state.step + 1) % cfg.log.every == 0)  # step 1 and log steps
-            window_loss += forward_backward(model, micro, acc)
-            for b in micro:
-                window_hash += sample_hash(b["index"])
+        r.sampler.set_position(state.epoch, state.samples_in_epoch)
+        batches = iter(r.loader)
+        for _ in range(r.sampler.steps_per_epoch - state.samples_in_epoch // r.global_batch):
+            micro = [next(batches) for _ in range(r.grad_accum)]
+            r.probe.reset(armed=state.step == 0 or (state.step + 1) % cfg.log.every == 0)  # step 1 and log steps
+            loss = forward_backward(model, micro, acc)
+            window.add(loss, sum(sample_hash(b["index"]) for b in micro))
             assert acc.sync_gradients, "accumulation boundary out of step with the data"
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             if not acc.optimizer_step_was_skipped:  # fp16 overflow: the LR schedule does not advance
-                scheduler.step()
+                r.scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.samples_in_epoch += global_batch
-            state.tokens_seen += tokens_per_step
-            window_steps += 1
+            state.samples_in_epoch += r.global_batch
+            state.tokens_seen += r.tokens_per_step
             failpoints.after_step(state.step, acc.process_index)
-            if state.step == 1 and strategy is not None and probe.last is not None:
-                check_sharded(probe.last, full, strategy, W)
+            if state.step == 1 and r.strategy is not None and r.probe.last is not None:
+                check_sharded(r.probe.last, r.full, r.strategy, acc.num_processes)
 
             if state.step % cfg.log.every == 0 or state.step == cfg.train.max_steps:
-                dt = timer.lap()
-                loss = (acc.reduce(window_loss, "sum") / (W * A * window_steps)).item()
-                record = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                          "tokens_per_second": tokens_per_step * window_steps / dt,
-                          "tokens_per_second_per_device": tokens_per_step * window_steps / dt / W,
-                          "step_time_s": dt / window_steps, "peak_memory_mb": peak_memory_mb(acc.device),
-                          "epoch": state.epoch, "tokens_seen": state.tokens_seen,
-                          "sample_hash": int(acc.reduce(window_hash, "sum").item())}
-                if peak is not None:
-                    record["mfu"] = mfu(record["tokens_per_second_per_device"], flops_token, peak)
-                if probe.last is not None:
-                    record["held_bytes"] = probe.last.as_dict()
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {state.step}; lower optim.lr or use bf16 over fp16")
-                log.log(record)
-                window_loss.zero_(), window_hash.zero_()
-                window_steps = 0
+                record = window.record(state, r.scheduler.get_last_lr()[0], grad_norm, r.probe.last)
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(f"loss is {record['loss']} at step {state.step}; "
+                                             "lower optim.lr or use bf16 over fp16")
+                r.log.log(record)
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
-                log.log({"step": state.step, **evaluate(model, evals, acc, cfg.train.eval_batches)})
-            stopped = stop.agreed()
+                r.log.log({"step": state.step, **evaluate(model, r.evals, acc, cfg.train.eval_batches)})
+            stopped = r.stop.agreed()
             if stopped or state.step >= cfg.train.max_steps:
                 break  # the checkpoint after the loop covers both
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
-                ckpt.save(state, config_yaml)
+                r.ckpt.save(state, r.config_yaml)
                 last_saved = state.step
-        if state.samples_in_epoch >= sampler.steps_per_epoch * global_batch:
+        if state.samples_in_epoch >= r.sampler.steps_per_epoch * r.global_batch:
             state.epoch, state.samples_in_epoch = state.epoch + 1, 0
 
     if last_saved != state.step:
-        ckpt.save(state, config_yaml)
-    if stopped:
-        if acc.is_main_process:
-            print(f"[train] stop signal received: saved step {state.step}; resume with RESUME=auto", flush=True)
-        log.close()
-        acc.end_training()
-        return EXIT_PREEMPTED
-    if not (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
-        log.log({"step": state.step, **evaluate(model, evals, acc, cfg.train.eval_batches)})
+        r.ckpt.save(state, r.config_yaml)
+    if stopped and acc.is_main_process:
+        print(f"[train] stop signal received: saved step {state.step}; resume with RESUME=auto", flush=True)
+    if not stopped:
+        finish(r)
+    r.close()
+    return EXIT_PREEMPTED if stopped else 0
+
+
+def finish(r: Run) -> None:
+    """After the last step: the final evaluation (unless that step had one) and the export."""
+    cfg, step = r.cfg, r.state.step
+    if not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+        r.log.log({"step": step, **evaluate(r.model, r.evals, r.acc, cfg.train.eval_batches)})
     if cfg.checkpoint.export:
-        out = export_final(acc, model, tokenizer, Path(cfg.output_dir) / "final", config_yaml,
+        out = export_final(r.acc, r.model, r.tokenizer, Path(cfg.output_dir) / "final", r.config_yaml,
                            merge_lora=cfg.checkpoint.merge_lora)
-        save_probe(model, splits.eval, acc, Path(cfg.output_dir) / "final_probe.pt")
+        save_probe(r.model, r.splits.eval, r.acc, Path(cfg.output_dir) / "final_probe.pt")
         if out is not None:
             print(f"[train] exported {out} (load with AutoModelForCausalLM.from_pretrained)", flush=True)
-    probe.close()
-    log.close()
-    acc.end_training()
-    return 0
 
 
 @torch.no_grad()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .flops import mfu
+
 
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
@@ -79,3 +81,44 @@ class StepTimer:
         t = time.perf_counter()
         dt, self.t0 = t - self.t0, t
         return dt
+
+
+class MetricsWindow:
+    """What the loop sums between log steps (loss terms, sample fingerprint, steps, time) and
+    the one record per log step it turns into (the host syncs happen in ``record`` only)."""
+
+    def __init__(self, acc, grad_accum: int, tokens_per_step: int, flops_per_token: float | None,
+                 peak_flops: float | None):
+        self.acc, self.grad_accum, self.tokens_per_step = acc, grad_accum, tokens_per_step
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.timer = StepTimer(acc.device)
+        self.loss = torch.zeros((), device=acc.device)
+        self.hash = torch.zeros((), dtype=torch.long, device=acc.device)
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor, sample_hash: torch.Tensor) -> None:
+        """One optimizer step: its summed loss terms and the fingerprint of its samples."""
+        self.loss += loss
+        self.hash += sample_hash
+        self.steps += 1
+
+    def record(self, state, lr: float, grad_norm, held) -> dict:
+        """The log line of the steps since the last one (means over ranks and steps); resets the window."""
+        dt = self.timer.lap()
+        world, n = self.acc.num_processes, self.steps
+        tps = self.tokens_per_step * n / dt
+        record = {"step": state.step,
+                  "loss": (self.acc.reduce(self.loss, "sum") / (world * self.grad_accum * n)).item(),
+                  "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "tokens_per_second": tps, "tokens_per_second_per_device": tps / world,
+                  "step_time_s": dt / n, "peak_memory_mb": peak_memory_mb(self.acc.device),
+                  "epoch": state.epoch, "tokens_seen": state.tokens_seen,
+                  "sample_hash": int(self.acc.reduce(self.hash, "sum").item())}
+        if self.peak_flops is not None:
+            record["mfu"] = mfu(record["tokens_per_second_per_device"], self.flops_per_token, self.peak_flops)
+        if held is not None:
+            record["held_bytes"] = held.as_dict()
+        self.loss.zero_(), self.hash.zero_()
+        self.steps = 0
+        return record
+

@@ -50,11 +50,6 @@ class NodeSpec:
     nproc_per_node: int  # 0 = let the launcher decide from the devices
     source: str  # which contract supplied it: "config", "pet", "pytorchjob", "indexed-job"
 
-    def describe(self) -> str:
-        nproc = self.nproc_per_node or "auto"
-        return (f"node {self.node_rank}/{self.nnodes} (nproc_per_node={nproc}), "
-                f"master {self.master_addr}:{self.master_port}, from {self.source}")
-
 
 def _int(env: Mapping[str, str], name: str, lo: int = 0) -> int:
     raw = env[name].strip()

@@ -24,8 +24,8 @@ class Strategy:
     name: str
     family: str  # "ddp" | "fsdp" | "deepspeed": selects the accelerate distributed type
     shards: frozenset[str]  # which of PARAMS/GRADS/OPTIM each rank holds only 1/N of
-    offload: bool  # parameters/optimizer state live in CPU memory between uses
-    zero_stage: int | None
+    offload: bool  # parameters/optimizer state live in CPU memory between uses (must match the config files)
+    zero_stage: int | None  # DeepSpeed's zero_optimization.stage (tests/test_config.py checks both against the files)
     summary: str
     gpu_only: bool = False  # refused on CPU-only machines, with the reason below
 
@@ -48,22 +48,22 @@ _ALL = frozenset({PARAMS, GRADS, OPTIM})
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
-        Strategy("ddp", "ddp", frozenset(), False, None, "full replica per rank; all-reduce gradients"),
-        Strategy("zero1", "deepspeed", frozenset({OPTIM}), False, 1, "shard optimizer state"),
-        Strategy("zero2", "deepspeed", frozenset({OPTIM, GRADS}), False, 2, "shard optimizer state and gradients"),
-        Strategy("zero3", "deepspeed", _ALL, False, 3, "shard parameters, gradients and optimizer state"),
-        Strategy("zero3-offload", "deepspeed", _ALL, True, 3, "ZeRO-3 with parameters and optimizer state in CPU RAM"),
-        Strategy("fsdp", "fsdp", _ALL, False, None, "PyTorch FSDP2: shard parameters, gradients, optimizer state"),
-        Strategy("fsdp-offload", "fsdp", _ALL, True, None, "FSDP2 with parameters and optimizer state in CPU RAM",
-                 gpu_only=True),  # FSDP2's CPUOffloadPolicy moves shards between GPU and CPU
+        Strategy(name="ddp", family="ddp", shards=frozenset(), offload=False, zero_stage=None,
+                 summary="full replica per rank; all-reduce gradients"),
+        Strategy(name="zero1", family="deepspeed", shards=frozenset({OPTIM}), offload=False, zero_stage=1,
+                 summary="shard optimizer state"),
+        Strategy(name="zero2", family="deepspeed", shards=frozenset({OPTIM, GRADS}), offload=False, zero_stage=2,
+                 summary="shard optimizer state and gradients"),
+        Strategy(name="zero3", family="deepspeed", shards=_ALL, offload=False, zero_stage=3,
+                 summary="shard parameters, gradients and optimizer state"),
+        Strategy(name="zero3-offload", family="deepspeed", shards=_ALL, offload=True, zero_stage=3,
+                 summary="ZeRO-3 with parameters and optimizer state in CPU RAM"),
+        Strategy(name="fsdp", family="fsdp", shards=_ALL, offload=False, zero_stage=None,
+                 summary="PyTorch FSDP2: shard parameters, gradients, optimizer state"),
+        # FSDP2's CPUOffloadPolicy moves shards between GPU and CPU: no CPU-only path.
+        Strategy(name="fsdp-offload", family="fsdp", shards=_ALL, offload=True, zero_stage=None,
+                 summary="FSDP2 with parameters and optimizer state in CPU RAM", gpu_only=True),
     )
 }
 
 CUSTOM = "custom"  # the strategy name reported when ACCELERATE_CONFIG points at a user's own file
-
-
-def get_strategy(name: str) -> Strategy:
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise ValueError(f"unknown strategy {name!r}; allowed: {', '.join(STRATEGIES)}") from None
