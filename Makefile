@@ -20,6 +20,13 @@ RUN_VARS = $(or $(_RUN_VARS),$(eval _RUN_VARS := $(shell cd $(HERE) && \
   $(firstword $(wildcard $(abspath $(PY))) $(PYTHON)) -m train keys --env-names))$(_RUN_VARS))
 
 STAMP := $(VENV)/.installed
+# Which torch build the venv gets. PyPI's Linux torch is the multi-GB CUDA build: right on a
+# host whose NVIDIA driver answers, wasted on a CPU-only one, which gets PyTorch's CPU index
+# (added to pip's own indexes, so a mirror or local wheel in pip's configuration still counts).
+# Override: `make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128` (a CUDA version),
+# or `TORCH_INDEX=` for pip's configuration alone.
+HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH_INDEX ?= $(if $(HAS_NVIDIA_GPU),,https://download.pytorch.org/whl/cpu)
 PYTEST_ARGS ?=
 # Extra `section.key=value` overrides for train, e.g. ARGS='optim.lr=1e-3 train.eval_every=0'
 ARGS ?=
@@ -27,8 +34,8 @@ ARGS ?=
 $(STAMP): constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade "pip>=24"
-	# torch first, pinned: an unpinned torch pulls the multi-GB CUDA build on CPU machines.
-	$(VENV)/bin/pip install --quiet -c constraints.txt torch
+	# torch first, pinned, from the build chosen above (TORCH_INDEX): $(if $(TORCH_INDEX),$(TORCH_INDEX),pip's configuration)
+	$(VENV)/bin/pip install --quiet -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
 	# DeepSpeed's setup imports torch, so it cannot build in an isolated environment.
 	DS_BUILD_OPS=0 $(VENV)/bin/pip install --quiet --no-build-isolation -c constraints.txt deepspeed

@@ -343,8 +343,10 @@ def test_compose_config_accepts_every_combination(files):
     assert {"trainer", "tensorboard"} <= cfg["services"].keys()
     trainer = cfg["services"]["trainer"]
     assert trainer["command"] == ["launch"]
-    # .env reaches the package in the container: the same names, the same values.
-    assert trainer["environment"]["STRATEGY"] == "ddp"
+    # .env reaches the package in the container: the same names, the same values. Its run
+    # settings ship commented out, so the run file decides them.
+    assert trainer["environment"]["NCCL_DEBUG"] == "WARN"
+    assert "STRATEGY" not in trainer["environment"]
     assert trainer["environment"]["OUTPUT_DIR"].startswith("/outputs/")
     mounts = {v["target"]: v for v in trainer["volumes"]}
     assert mounts["/outputs"]["type"] == mounts["/cache/huggingface"]["type"] == "volume"
@@ -418,10 +420,12 @@ def test_env_example_names_only_known_settings():
     assert not unknown, f".env.example sets {unknown}: not in train/config.py ENV_VARS nor used by compose/"
 
 
-def test_env_example_is_a_valid_run_configuration():
-    """The package reads the same file with python-dotenv and accepts it as shipped."""
-    cfg = load_config([], env={}, dotenv_path=str(ENV_EXAMPLE))
-    assert cfg.launch.strategy == env_example()["STRATEGY"]
+def test_env_example_is_a_valid_run_configuration_that_overrides_no_run_file():
+    """The package reads the same file with python-dotenv and accepts it as shipped; a copied
+    .env.example leaves each run file's settings alone (llama-8b.yaml's strategy is not ddp)."""
+    llama = REPO / "configs" / "runs" / "llama-8b.yaml"
+    cfg = load_config([], env={"CONFIG": str(llama)}, dotenv_path=str(ENV_EXAMPLE))
+    assert cfg.to_dict() == load_config([], env={"CONFIG": str(llama)}, dotenv_path=None).to_dict()
 
 
 # -- consistency: strategies named anywhere <-> configs/ ------------------------------------------

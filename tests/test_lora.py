@@ -137,7 +137,7 @@ def test_a_lora_checkpoint_is_not_resumed_with_other_lora_settings(tmp_path):
 
 def test_the_lora_run_file_loads_and_its_targets_fit_the_model(pretrained):
     from train.config import load_config
-    from train.launch import check_finetuning_and_tracking
+    from train.inputs import check_finetuning_and_tracking
 
     cfg = load_config(["CONFIG=configs/runs/lora.yaml", f"MODEL={pretrained}"], env={}, dotenv_path=None)
     assert cfg.model.lora_r == 16 and cfg.checkpoint.merge_lora
