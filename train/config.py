@@ -98,6 +98,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     precision: Literal["no", "bf16", "fp16"] = setting("no", env="PRECISION")
+    tf32: bool = setting(True, "CUDA: TF32 tensor cores for fp32 matmuls/convolutions (PRECISION=no runs ~8x faster; MFU uses the TF32 peak). false = true IEEE fp32")
     micro_batch: int = setting(8, "sequences per rank per forward pass", env="MICRO_BATCH")
     grad_accum: int = setting(1, env="GRAD_ACCUM")
     global_batch: int = setting(0, "sequences per optimizer step; 0 = micro_batch x grad_accum x world size. If set, grad_accum is derived from it", env="GLOBAL_BATCH")
@@ -112,6 +113,7 @@ class CheckpointConfig:
     keep: int = setting(2, "complete checkpoints to keep", env="KEEP_CHECKPOINTS")
     resume: str = setting("auto", "auto (newest complete checkpoint, if any) | never (refuse if any exist) | PATH", env="RESUME")
     export: bool = setting(True, "write OUTPUT_DIR/final (safetensors + config + tokenizer) at the end")
+    export_timeout_s: int = setting(3600, "how long the other ranks wait while rank 0 writes the final export (its own bound: DIST_TIMEOUT is for collectives)")
     merge_lora: bool = setting(True, "with LoRA, also write the adapters merged into the model in final/ (the adapter alone goes to final/adapter)")
 
 

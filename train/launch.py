@@ -13,6 +13,7 @@ import os
 import sys
 
 from .config import ConfigError, RunConfig, selected_strategy, strategy_name
+from .cpus import available_cpus
 from .distributed import ENV_EXPECTED_WORLD, resolve_device, worker_env
 from .inputs import check_inputs
 
@@ -30,7 +31,7 @@ def processes_per_node(requested: int, device: str) -> int:
 def accelerate_args(cfg: RunConfig, spec, nproc: int, device: str) -> list[str]:
     strategy = selected_strategy(cfg.launch)
     config_file = cfg.launch.accelerate_config or str(strategy.accelerate_config)
-    cores = os.cpu_count() or 1
+    cores = available_cpus()  # affinity and cgroup CPU quota, not the host's core count
     args = ["--config_file", config_file,
             "--num_machines", str(spec.nnodes), "--machine_rank", str(spec.node_rank),
             "--num_processes", str(spec.nnodes * nproc),
