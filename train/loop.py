@@ -20,7 +20,7 @@ import torch
 from . import data as data_mod
 from . import failpoints
 from . import lora
-from .checkpoint import Checkpointer, TrainState, export_final, find_resume
+from .checkpoint import Checkpointer, TrainState, export_final
 from .config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
 from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, align_scheduler, build_accelerator,
                           check_engaged, check_sharded, optimizer_step_skipped, resolve_device)
@@ -173,7 +173,7 @@ def setup(cfg: RunConfig) -> Run:
 
     ckpt = Checkpointer(cfg, acc, {"strategy": strategy_name(cfg.launch), "global_batch": global_batch})
     state = TrainState()
-    resume_from = find_resume(cfg, acc.num_processes)
+    resume_from = ckpt.claim_and_find_resume()  # rank 0 takes OUTPUT_DIR over and chooses for all
     if resume_from is not None:
         state = ckpt.load(resume_from)
         if acc.is_main_process:
