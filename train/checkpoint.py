@@ -27,7 +27,7 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,6 +57,9 @@ class TrainState:
     epoch: int = 0
     samples_in_epoch: int = 0  # samples of permutation(seed, epoch) already consumed
     tokens_seen: int = 0
+    # Global batches skipped by loss-spike rollbacks (train/rollback.py), kept so a resume or a
+    # rerun reproduces the curve: [{from_step, to_step, reason, from_cursor, to_cursor}, ...]
+    skipped: list = field(default_factory=list)
 
 
 def versions() -> dict[str, str]:
