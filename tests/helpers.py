@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 from functools import lru_cache
+import json
 import os
 from pathlib import Path
 import random
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -294,6 +296,87 @@ def job_action(job_spec: dict, exit_code: int | None, conditions: tuple[str, ...
     return "Count"
 
 
+# -- a small pretrained model, saved once, loaded by path like any hub model ----------------
+
+
+def save_tiny_pretrained(path: Path) -> Path:
+    """The llama-debug preset with the built-in tokenizer, written with save_pretrained: a
+    "pretrained" model for fine-tuning tests without a download."""
+    import torch
+
+    from train.config import ModelConfig
+    from train.model import build_model, load_tokenizer
+
+    cfg = ModelConfig(name="llama-debug")
+    tok = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    build_model(cfg, len(tok)).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+# -- W&B offline runs ------------------------------------------------------------------------
+_WANDB_BLOCK, _WANDB_HEADER = 32768, 7  # LevelDB-style log: 32 KiB blocks, 7-byte record headers
+
+
+def wandb_records(run_file: Path) -> list:
+    """The protobuf records of an offline run's ``run-*.wandb`` file.
+
+    wandb >= 0.2x reads this file only in its Go core; the format is a LevelDB log (a 7-byte
+    file header ":W&B" + magic + version, then records of crc32, length, type, data)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(run_file).read_bytes()
+    assert data[:4] == b":W&B", f"{run_file} is not a W&B run file"
+    pos, chunks, records = _WANDB_HEADER, b"", []
+    while pos + _WANDB_HEADER <= len(data):
+        if _WANDB_BLOCK - pos % _WANDB_BLOCK < _WANDB_HEADER:  # block tail padding
+            pos += _WANDB_BLOCK - pos % _WANDB_BLOCK
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + _WANDB_HEADER])
+        if kind == 0:
+            break
+        chunks += data[pos + _WANDB_HEADER:pos + _WANDB_HEADER + length]
+        pos += _WANDB_HEADER + length
+        if kind in (1, 4):  # FULL or LAST
+            rec = pb.Record()
+            rec.ParseFromString(chunks)
+            records.append(rec)
+            chunks = b""
+    return records
+
+
+def wandb_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    """(config, history rows) of an offline W&B run directory."""
+    (run_file,) = Path(run_dir).glob("run-*.wandb")
+    config, history = {}, []
+    for rec in wandb_records(run_file):
+        kind = rec.WhichOneof("record_type")
+        items = rec.run.config.update if kind == "run" else rec.config.update if kind == "config" else []
+        config.update({i.key: json.loads(i.value_json) for i in items})
+        if kind == "history":
+            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+    return config, history
+
+
+# -- bad input -------------------------------------------------------------------------------
+def assert_refused(p, *fragments) -> str:
+    """Exit 2 with exactly one `error: ...` line holding every fragment, before the launcher
+    starts anything (its "[launch]" line comes only after every check passed)."""
+    assert p.returncode == 2, p.stdout + p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, p.stderr
+    for f in fragments:
+        assert f in errors[0], errors[0]
+    assert "[launch]" not in p.stdout and "Traceback" not in p.stderr
+    return errors[0]
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 # -- a job's worker processes and the 2-node emulation (test_hang, test_restart, test_faults, test_multinode)
 def workers_of(output_dir: Path) -> list[psutil.Process]:
     """Every live worker process of the run writing to ``output_dir`` (wherever it was re-parented)."""

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import failpoints, progress
+from . import failpoints, lora, progress
 from .config import ConfigError, RunConfig
 from .distributed import wait_for_export
 from .exitcodes import SUPERSEDED
@@ -344,11 +344,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def export_final(accelerator, model, tokenizer, out_dir: Path, config_yaml: str) -> Path | None:
+def export_final(accelerator, model, tokenizer, out_dir: Path, config_yaml: str, merge_lora: bool = True) -> Path | None:
     """Consolidated safetensors + config + tokenizer that `from_pretrained` loads.
 
     ``get_state_dict`` gathers ZeRO-3 partitions / FSDP shards (a collective: every rank calls
     it). The export is written beside and renamed into place, so an old export survives a crash.
+    A LoRA run writes its adapter to ``adapter/`` (PeftModel.from_pretrained) and, with
+    ``merge_lora``, the merged full model beside it.
     """
     state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
@@ -357,10 +359,16 @@ def export_final(accelerator, model, tokenizer, out_dir: Path, config_yaml: str)
     tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    if lora.is_peft(unwrapped):
+        lora.save_adapter(unwrapped, state_dict, tmp)
+        tokenizer.save_pretrained(tmp / lora.ADAPTER_DIR)
+        unwrapped = lora.merged_model(unwrapped, state_dict, accelerator.state.deepspeed_plugin) if merge_lora else None
+        state_dict = None
+    if unwrapped is not None:
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "run_config.yaml").write_text(config_yaml)
-    expected = param_count(unwrapped)
+    expected = param_count(unwrapped) if unwrapped is not None else 0
     saved = _safetensors_numel(tmp)
     if saved < expected:  # e.g. ZeRO-3 weights saved without gathering (LlamaFactory#253)
         raise RuntimeError(f"export holds {saved} parameters, the model has {expected}: weights were not gathered")

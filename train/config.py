@@ -84,6 +84,11 @@ class ModelConfig:
     intermediate_size: int = setting(0, "presets only: MLP width (0 = the preset's)")
     activation_checkpointing: bool = False
     compile: bool = False
+    # LoRA (PEFT): r > 0 freezes the model and trains low-rank adapters on the target modules.
+    lora_r: int = setting(0, "LoRA rank; 0 = full fine-tuning (no adapters)", env="LORA_R")
+    lora_alpha: float = setting(16.0, "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input, in [0, 1)")
+    lora_target_modules: str = setting("", "comma-separated module names, or all-linear; empty = PEFT's default for the architecture (llama: q_proj,v_proj)")
 
 
 @dataclass
@@ -133,13 +138,16 @@ class CheckpointConfig:
     resume: str = setting("auto", "auto (newest complete checkpoint, if any) | never (refuse if any exist) | PATH", env="RESUME")
     export: bool = setting(True, "write OUTPUT_DIR/final (safetensors + config + tokenizer) at the end")
     export_timeout_s: int = setting(3600, "how long the other ranks wait while rank 0 writes the final export (its own bound: DIST_TIMEOUT is for collectives)")
+    merge_lora: bool = setting(True, "with LoRA, also write the adapters merged into the model in final/ (the adapter alone goes to final/adapter)")
 
 
 @dataclass
 class LogConfig:
     every: int = setting(10, env="LOG_EVERY")
-    tensorboard: bool = True
+    tensorboard: bool = setting(True, "false drops tensorboard from log.trackers (older run files)")
     progress: bool = True
+    trackers: str = setting("tensorboard", "comma-separated: tensorboard, mlflow, wandb (or none); same metrics as metrics.jsonl", env="TRACKERS")
+    project: str = setting("train", "MLflow experiment / W&B project name")
 
 
 @dataclass
@@ -167,6 +175,8 @@ class RunConfig:
             "dataset": self.data.dataset,
             "strategy_family": strategy_family(self.launch),
             "seed": self.seed,
+            # None without LoRA: checkpoints written before this key existed still match
+            "lora": f"r={self.model.lora_r} targets={self.model.lora_target_modules}" if self.model.lora_r else None,
         }
 
     def fingerprint_hash(self) -> str:

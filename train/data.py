@@ -272,9 +272,11 @@ def collate(items: list[dict]) -> dict:
 
 
 def train_loader(ds: BlockDataset, sampler: GlobalCursorSampler, micro_batch: int, cfg: DataConfig) -> DataLoader:
+    # Its own generator: each iter() draws a worker base seed, and from the global torch RNG that
+    # draw would shift dropout (e.g. LoRA's) after a resume, which calls iter() mid-epoch.
     return DataLoader(ds, batch_size=micro_batch, sampler=sampler, drop_last=True, collate_fn=collate,
                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=cfg.num_workers > 0)
+                      persistent_workers=cfg.num_workers > 0, generator=torch.Generator())
 
 
 def eval_loader(ds: BlockDataset, micro_batch: int) -> DataLoader:

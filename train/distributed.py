@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, RunConfig
+from .tracking import tracker_names
 from .strategies import GRADS, OPTIM, PARAMS, Strategy
 
 # Set by the launcher for the workers: what the run asked for, checked against what engaged.
@@ -137,7 +138,7 @@ def build_accelerator(cfg: RunConfig, strategy: Strategy | None, grad_accum: int
         mixed_precision=cfg.train.precision,
         gradient_accumulation_steps=grad_accum,
         cpu=device == "cpu" and (strategy is None or strategy.family == "ddp"),
-        log_with="tensorboard" if cfg.log.tensorboard else None,
+        log_with=tracker_names(cfg) or None,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=log_dir),
         kwargs_handlers=[pg],
         step_scheduler_with_optimizer=False,

@@ -27,6 +27,7 @@ def check_inputs(cfg: RunConfig, world_size: int, device: str) -> None:
     _, global_batch = resolve_batch(cfg, world_size)
     check_port(cfg)
     tokenizer = check_model(cfg)
+    check_finetuning_and_tracking(cfg)
     check_data(cfg, tokenizer, global_batch)
     check_resume(cfg, world_size, global_batch)
 
@@ -70,6 +71,15 @@ def check_model(cfg: RunConfig):
     from .model import check_model_source
 
     return check_model_source(cfg.model)
+
+
+def check_finetuning_and_tracking(cfg: RunConfig) -> None:
+    """LoRA targets (on a meta-device model) and tracker names, packages and W&B login."""
+    from .lora import check_lora
+    from .tracking import check_trackers
+
+    check_trackers(cfg)
+    check_lora(cfg.model)
 
 
 def check_data(cfg: RunConfig, tokenizer, global_batch: int) -> None:

@@ -20,6 +20,7 @@ import torch
 from . import data as data_mod
 from . import failpoints, progress, rollback
 from .checkpoint import Checkpointer, TrainState, checkpoint_root, export_final
+from . import lora
 from .config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
 from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, align_scheduler, build_accelerator,
                           check_engaged, check_sharded, optimizer_step_skipped, resolve_device)
@@ -30,6 +31,7 @@ from .plan import held_bytes
 from .preemption import EXIT_PREEMPTED, StopSignal
 from .rollback import SpikeGuard
 from .strategies import GRADS, OPTIM, PARAMS, Strategy
+from .tracking import start_trackers
 
 IGNORE_INDEX = -100
 
@@ -42,6 +44,9 @@ def build_optimizer(model, cfg: RunConfig, device: str):
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     O = cfg.optim
     groups = [{"params": decay, "weight_decay": O.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Drop an empty group (LoRA adapters are all matrices): ZeRO drops it, and the LR scheduler
+    # built on our groups would then no longer line up with DeepSpeed's (align_scheduler).
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=O.lr, betas=(O.beta1, O.beta2), eps=O.eps, fused=device == "cuda")
 
 
@@ -149,8 +154,15 @@ def setup(cfg: RunConfig) -> Run:
     if model is None:
         set_seed(cfg.seed)
         model = build_model(cfg.model, len(tokenizer))
-    ddp = held_bytes("ddp", param_count(model), world_size=1)  # the planner's formula for a full replica
-    full = HeldBytes(parameters=ddp[PARAMS], gradients=ddp[GRADS], optimizer=ddp[OPTIM])
+    if lora.enabled(cfg.model):
+        set_seed(cfg.seed)  # the same adapter init on every rank and under every strategy
+        model = lora.apply_lora(model, cfg.model)
+    n_params, n_train = param_count(model), lora.trainable_count(model)
+    if acc.is_main_process:
+        print(f"[train] parameters: {n_params} total, {n_train} trainable", flush=True)
+    # The planner's formula for a full replica; gradients and Adam state exist for trainable parameters only (LoRA).
+    ddp, ddp_trained = held_bytes("ddp", n_params, world_size=1), held_bytes("ddp", n_train, world_size=1)
+    full = HeldBytes(parameters=ddp[PARAMS], gradients=ddp_trained[GRADS], optimizer=ddp_trained[OPTIM])
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
     sampler = data_mod.GlobalCursorSampler(len(splits.train), global_batch, cfg.seed)
@@ -158,8 +170,7 @@ def setup(cfg: RunConfig) -> Run:
     evals = data_mod.eval_loader(splits.eval, cfg.train.micro_batch)
     model, optimizer, loader, evals, scheduler = acc.prepare(model, optimizer, loader, evals, scheduler)
     align_scheduler(scheduler, optimizer)
-    if cfg.log.tensorboard:
-        acc.init_trackers("train", config={k: v for k, v in _flat(cfg.to_dict()).items() if isinstance(v, (int, float, str, bool))})
+    start_trackers(acc, cfg, {k: v for k, v in _flat(cfg.redacted()).items() if isinstance(v, (int, float, str, bool))})
 
     ckpt = Checkpointer(cfg, acc, {"strategy": strategy_name(cfg.launch), "global_batch": global_batch})
     state = TrainState()
@@ -270,7 +281,8 @@ def finish(r: Run) -> None:
     if not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
         r.log.log({"step": step, **evaluate(r.model, r.evals, r.acc, cfg.train.eval_batches)})
     if cfg.checkpoint.export:
-        out = export_final(r.acc, r.model, r.tokenizer, Path(cfg.output_dir) / "final", r.config_yaml)
+        out = export_final(r.acc, r.model, r.tokenizer, Path(cfg.output_dir) / "final", r.config_yaml,
+                           merge_lora=cfg.checkpoint.merge_lora)
         save_probe(r.model, r.splits.eval, r.acc, Path(cfg.output_dir) / "final_probe.pt")
         if out is not None:
             print(f"[train] exported {out} (load with AutoModelForCausalLM.from_pretrained)", flush=True)
