@@ -35,7 +35,7 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PY) -m train warm
 	touch $@
 
-.PHONY: help venv train test test-fast env config keys plan bench strategies clean
+.PHONY: help venv train test test-fast lint env config keys plan bench strategies clean
 
 help: ## Show targets and run settings
 	@echo "Usage: make TARGET [NAME=value ...]   e.g. make train STRATEGY=zero2 NPROC=2 MAX_STEPS=50"
@@ -51,11 +51,14 @@ venv: $(STAMP) ## Create the virtualenv with pinned dependencies (other targets 
 train: $(STAMP) ## Train (default: tiny Llama on the built-in corpus, DDP, 2 processes, offline)
 	$(PY) -m train launch $(ARGS)
 
-test: $(STAMP) ## Run the whole test suite (real multi-process jobs on CPU)
+test: lint ## Lint, then run the whole test suite (real multi-process jobs on CPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP) ## Only the tests that start no training job
+test-fast: lint ## Lint, then only the tests that start no training job
 	$(PY) -m pytest -m "not slow and not docker" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff on train/ and tests/ (rules in pyproject.toml)
+	$(VENV)/bin/ruff check $(HERE)train $(HERE)tests
 
 env: $(STAMP) ## Print versions (torch, CUDA, NCCL, DeepSpeed, ...) and `accelerate env`
 	$(PY) -m train env

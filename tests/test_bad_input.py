@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, args_for, job_env, train
+from helpers import REPO, args_for, job_env, train
 
 
 def launch(*args, env=None, cwd=REPO):

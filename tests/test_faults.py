@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import output, read_metrics, start, train, wait_for_step
+from helpers import output, read_metrics, start, train, wait_for_step
 from train.checkpoint import MANIFEST, complete_checkpoints
 
 pytestmark = pytest.mark.slow

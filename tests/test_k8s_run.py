@@ -17,7 +17,6 @@ starting the same Job again resumes from it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -32,13 +31,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-_spec = importlib.util.spec_from_file_location("k8s_manifests", Path(__file__).with_name("test_k8s_manifests.py"))
-km = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(km)
+from helpers import REPO, mounts, one, pod_env, render, trainer_container
+
 
 pytestmark = pytest.mark.slow
 
-REPO = km.REPO
 OVERLAY = "cpu-smoke"
 STEPS = 6
 RUN_TIMEOUT_S = 420  # per launch: 2-process gloo runs can hang, nothing here may wait forever
@@ -151,15 +148,15 @@ class Cluster:
     """The rendered cpu-smoke Job, with its volumes on disk under `root`."""
 
     def __init__(self, root: Path):
-        self.objs = km.render(OVERLAY)
-        self.job = km.one(self.objs, "Job")
-        self.svc = km.one(self.objs, "Service")
-        self.cm = km.one(self.objs, "ConfigMap")
+        self.objs = render(OVERLAY)
+        self.job = one(self.objs, "Job")
+        self.svc = one(self.objs, "Service")
+        self.cm = one(self.objs, "ConfigMap")
         self.n = self.job["spec"]["completions"]
-        self.command = km.trainer_container(self.job)["command"]
+        self.command = trainer_container(self.job)["command"]
         self.root = root
         self.paths: dict[str, Path] = {}  # mountPath -> host directory
-        for path, vol in km.mounts(self.job).items():
+        for path, vol in mounts(self.job).items():
             if "persistentVolumeClaim" in vol:
                 self.paths[path] = root / "pvc"
             elif "configMap" in vol:
@@ -181,7 +178,7 @@ class Cluster:
     def env(self, index: int, **overrides: str) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items()
                 if k not in _STRIP and k not in _env_vars() and not k.startswith("PET_")}
-        pod = {k: self._on_disk(v) for k, v in km.pod_env(self.job, index).items()}
+        pod = {k: self._on_disk(v) for k, v in pod_env(self.job, index).items()}
         return {**base, **pod, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **overrides}
 
     def argv(self) -> list[str]:
@@ -190,7 +187,7 @@ class Cluster:
         return [sys.executable, *cmd[1:]]
 
     def output_dir(self) -> Path:
-        return Path(self._on_disk(km.pod_env(self.job, 0)["OUTPUT_DIR"]))
+        return Path(self._on_disk(pod_env(self.job, 0)["OUTPUT_DIR"]))
 
 
 def _env_vars() -> set[str]:

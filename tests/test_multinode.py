@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, free_port, job_env, kill_tree, losses, output, train, wait_for_step
+from helpers import REPO, TINY, free_port, job_env, kill_tree, losses, output, train, wait_for_step
 
 pytestmark = pytest.mark.slow
 COMMON = {**TINY, "MAX_STEPS": "4", "CHECKPOINT_EVERY": "0", "checkpoint.export": "false"}

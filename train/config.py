@@ -107,6 +107,9 @@ class LogConfig:
     every: int = setting(10, env="LOG_EVERY")
     tensorboard: bool = True
     progress: bool = True
+    held_bytes_every: int = setting(10, "measure held_bytes (a walk over all state) on the first log step and every N-th after it")
+    straggler_fraction: float = setting(0.2, "warn when a rank's own time per step exceeds the median rank's by this fraction of the step time ...")
+    straggler_log_steps: int = setting(5, "... for this many log steps in a row (0 = never warn)")
 
 
 @dataclass
@@ -313,23 +316,26 @@ def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = N
 
 def validate(cfg: RunConfig) -> None:
     """Checks that need no process group: everything a user can get wrong in the config."""
-    L, T = cfg.launch, cfg.train
-    if not L.accelerate_config and L.strategy not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {L.strategy!r}; allowed: {', '.join(STRATEGIES)}")
-    if L.accelerate_config and not Path(L.accelerate_config).is_file():
-        raise ConfigError(f"ACCELERATE_CONFIG file {L.accelerate_config!r} not found")
+    launch, train = cfg.launch, cfg.train
+    if not launch.accelerate_config and launch.strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {launch.strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    if launch.accelerate_config and not Path(launch.accelerate_config).is_file():
+        raise ConfigError(f"ACCELERATE_CONFIG file {launch.accelerate_config!r} not found")
     for key, v, lo in (
-        ("train.micro_batch", T.micro_batch, 1), ("train.grad_accum", T.grad_accum, 1),
-        ("train.max_steps", T.max_steps, 1), ("data.seq_len", cfg.data.seq_len, 8),
-        ("launch.nnodes", L.nnodes, 1), ("launch.nproc_per_node", L.nproc_per_node, 0),
+        ("train.micro_batch", train.micro_batch, 1), ("train.grad_accum", train.grad_accum, 1),
+        ("train.max_steps", train.max_steps, 1), ("data.seq_len", cfg.data.seq_len, 8),
+        ("launch.nnodes", launch.nnodes, 1), ("launch.nproc_per_node", launch.nproc_per_node, 0),
         ("log.every", cfg.log.every, 1), ("checkpoint.every", cfg.checkpoint.every, 0),
-        ("checkpoint.keep", cfg.checkpoint.keep, 1), ("train.global_batch", T.global_batch, 0),
-        ("launch.timeout_s", L.timeout_s, 1),
+        ("checkpoint.keep", cfg.checkpoint.keep, 1), ("train.global_batch", train.global_batch, 0),
+        ("launch.timeout_s", launch.timeout_s, 1), ("log.held_bytes_every", cfg.log.held_bytes_every, 1),
+        ("log.straggler_log_steps", cfg.log.straggler_log_steps, 0),
     ):
         if v < lo:
             raise ConfigError(f"{key}={v} is too small; it must be >= {lo}")
-    if not 0 <= L.node_rank < L.nnodes:
-        raise ConfigError(f"launch.node_rank={L.node_rank} must be in [0, nnodes={L.nnodes})")
+    if not 0 <= launch.node_rank < launch.nnodes:
+        raise ConfigError(f"launch.node_rank={launch.node_rank} must be in [0, nnodes={launch.nnodes})")
+    if cfg.log.straggler_fraction <= 0:
+        raise ConfigError(f"log.straggler_fraction={cfg.log.straggler_fraction} must be > 0")
     if not 0 < cfg.data.eval_fraction < 0.5:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in (0, 0.5)")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
@@ -342,16 +348,16 @@ def resolve_batch(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     If global_batch is set it is held fixed and accumulation is derived from it, so the same
     samples make up each optimizer step whatever the world size.
     """
-    T = cfg.train
-    if T.global_batch:
-        per_step = T.micro_batch * world_size
-        if T.global_batch % per_step:
+    train = cfg.train
+    if train.global_batch:
+        per_step = train.micro_batch * world_size
+        if train.global_batch % per_step:
             raise ConfigError(
-                f"GLOBAL_BATCH={T.global_batch} is not divisible by MICRO_BATCH x world size = "
-                f"{T.micro_batch} x {world_size} = {per_step}; choose a multiple of {per_step}"
+                f"GLOBAL_BATCH={train.global_batch} is not divisible by MICRO_BATCH x world size = "
+                f"{train.micro_batch} x {world_size} = {per_step}; choose a multiple of {per_step}"
             )
-        return T.global_batch // per_step, T.global_batch
-    return T.grad_accum, T.micro_batch * T.grad_accum * world_size
+        return train.global_batch // per_step, train.global_batch
+    return train.grad_accum, train.micro_batch * train.grad_accum * world_size
 
 
 def dump_yaml(cfg: RunConfig, redact: bool = True) -> str:

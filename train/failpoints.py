@@ -7,6 +7,7 @@ save, one rank dying at a given step), so the job can be told to inflict them on
   TRAIN_FAILPOINTS="kill_in_save=4"        SIGKILL the whole job after the step-4 checkpoint's
                                            files are written, before it is marked complete
   TRAIN_FAILPOINTS="rank_dies=1@3"         rank 1 alone is SIGKILLed after step 3
+  TRAIN_FAILPOINTS="slow_rank=1:0.3"       rank 1 alone takes 0.3 s longer every step (a straggler)
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def after_step(step: int, rank: int) -> None:
         return
     if "step_sleep" in points:
         time.sleep(float(points["step_sleep"]))
+    if "slow_rank" in points:
+        who, seconds = points["slow_rank"].split(":")
+        if rank == int(who):
+            time.sleep(float(seconds))
     if "rank_dies" in points:
         who, at = points["rank_dies"].split("@")
         if rank == int(who) and step == int(at):
