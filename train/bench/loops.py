@@ -26,9 +26,9 @@ class Laps:
         self.timer = StepTimer(self.device)
 
     def lap(self) -> None:
-        wall, cpu = self.timer.lap()
-        self.wall.append(wall)
-        self.cpu.append(cpu)
+        lap = self.timer.lap()
+        self.wall.append(lap.wall)
+        self.cpu.append(lap.cpu)
 
 
 def ours_loop(cfg: RunConfig, steps: int, threads: int) -> dict:
