@@ -42,7 +42,7 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PY) -m train warm
 	touch $@
 
-.PHONY: help venv train doctor test test-fast test-gpu env config keys plan bench strategies clean
+.PHONY: help venv train doctor test test-fast test-gpu lint env config keys plan bench strategies clean
 
 help: ## Show targets and run settings
 	@echo "Usage: make TARGET [NAME=value ...]   e.g. make train STRATEGY=zero2 NPROC=2 MAX_STEPS=50"
@@ -61,15 +61,18 @@ train: $(STAMP) ## Train (default: tiny Llama on the built-in corpus, DDP, 2 pro
 doctor: $(STAMP) ## Preflight checks alone on this node (shm, disk, GPUs; with NNODES>1 shared storage and links)
 	$(PY) -m train doctor $(ARGS)
 
-test: $(STAMP) ## Run the whole test suite (real multi-process jobs on CPU)
+test: lint ## Lint, then run the whole test suite (real multi-process jobs on CPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP) ## Only the tests that start no training job
+test-fast: lint ## Lint, then only the tests that start no training job
 	$(PY) -m pytest -m "not slow and not docker" $(PYTEST_ARGS)
 
 test-gpu: $(STAMP) ## On NVIDIA GPUs: every strategy in bf16/fp16, fp16 skips, ~1B throughput; results in bench-results/
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu needs a CUDA GPU; torch ' + torch.__version__ + ' sees none')"
 	$(PY) -m pytest -m gpu -p no:cacheprovider -rs tests/test_gpu.py tests/test_precision.py $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff on train/ and tests/ (rules in pyproject.toml)
+	$(VENV)/bin/ruff check $(HERE)train $(HERE)tests
 
 env: $(STAMP) ## Print versions (torch, CUDA, NCCL, DeepSpeed, ...) and `accelerate env`
 	$(PY) -m train env

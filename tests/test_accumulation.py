@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import losses, train
+from helpers import losses, train
 from train.config import ModelConfig
 from train.loop import IGNORE_INDEX, forward_backward
 from train.model import build_model

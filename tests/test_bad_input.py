@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, args_for, job_env, train
+from helpers import REPO, args_for, job_env, train
 
 TINY_CHECKED = ["MODEL=llama-debug", "SEQ_LEN=32", "MICRO_BATCH=4", "DEVICE=cpu", "NPROC=2"]
 
@@ -195,7 +195,7 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_refused(out_dir, tmp_path
                 num_attention_heads=4).save_pretrained(model)
     tokenizer = REPO / "train" / "assets" / "tokenizer"
     refused(launch_here, out_dir, *TINY_CHECKED, f"MODEL={model}", f"TOKENIZER={tokenizer}",
-            fragments=[f"TOKENIZER='{tokenizer}' has", f"has a vocabulary of 100"])
+            fragments=[f"TOKENIZER='{tokenizer}' has", "has a vocabulary of 100"])
 
 
 def test_port_in_use_is_refused(out_dir, launch_here):

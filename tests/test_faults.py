@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from conftest import output, read_metrics, start, train, wait_for_step
-from helpers import wait_until_gone, worker_pids
+from helpers import output, read_metrics, start, train, wait_for_step, wait_until_gone, worker_pids
 from train.checkpoint import MANIFEST, complete_checkpoints
 from train.exitcodes import FAILED
 

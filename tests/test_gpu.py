@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, job_env, kill_tree, losses, read_metrics, start, train, wait_for_step
+from helpers import REPO, job_env, kill_tree, losses, read_metrics, start, train, wait_for_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu)")]

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import free_port, losses, output, read_metrics, start, train, wait_for_step
+from helpers import free_port, losses, output, read_metrics, start, train, wait_for_step
 from helpers import make_train, wait_until_gone, worker_pids
 from train.exitcodes import HANG
 

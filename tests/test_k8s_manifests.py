@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import (JOB_NAME_LABEL, K8S, OVERLAYS_DIR, REPO, STORAGE_DIR, expand, job_action, mounts, one,
+from helpers import (JOB_NAME_LABEL, K8S, OVERLAYS_DIR, REPO, STORAGE_DIR, job_action, mounts, one,
                      overlays, pod_env, pod_labels, project_version, quantity, render, render_dir, storage_kinds,
                      trainer_container)
 from train import exitcodes

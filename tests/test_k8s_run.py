@@ -31,10 +31,10 @@ import pytest
 from helpers import PodNetwork, try_network
 
 import helpers as km
+from helpers import REPO, mounts, one, pod_env, render, trainer_container
 
 pytestmark = pytest.mark.slow
 
-REPO = km.REPO
 OVERLAY = "cpu-smoke"
 STEPS = 6
 RUN_TIMEOUT_S = int(os.environ.get("K8S_RUN_TIMEOUT_S", "420"))  # per launch: 2-process gloo runs can hang, nothing here may wait forever
@@ -57,15 +57,15 @@ class Cluster:
     """The rendered cpu-smoke Job, with its volumes on disk under `root`."""
 
     def __init__(self, root: Path):
-        self.objs = km.render(OVERLAY)
-        self.job = km.one(self.objs, "Job")
-        self.svc = km.one(self.objs, "Service")
-        self.cm = km.one(self.objs, "ConfigMap")
+        self.objs = render(OVERLAY)
+        self.job = one(self.objs, "Job")
+        self.svc = one(self.objs, "Service")
+        self.cm = one(self.objs, "ConfigMap")
         self.n = self.job["spec"]["completions"]
-        self.command = km.trainer_container(self.job)["command"]
+        self.command = trainer_container(self.job)["command"]
         self.root = root
         self.paths: dict[str, Path] = {}  # mountPath -> host directory
-        for path, vol in km.mounts(self.job).items():
+        for path, vol in mounts(self.job).items():
             if "persistentVolumeClaim" in vol:
                 self.paths[path] = root / "pvc"
             elif "configMap" in vol:
@@ -87,7 +87,7 @@ class Cluster:
     def env(self, index: int, **overrides: str) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items()
                 if k not in _STRIP and k not in _env_vars() and not k.startswith("PET_")}
-        pod = {k: self._on_disk(v) for k, v in km.pod_env(self.job, index).items()}
+        pod = {k: self._on_disk(v) for k, v in pod_env(self.job, index).items()}
         return {**base, **pod, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **overrides}
 
     def argv(self) -> list[str]:
@@ -96,7 +96,7 @@ class Cluster:
         return [sys.executable, *cmd[1:]]
 
     def output_dir(self) -> Path:
-        return Path(self._on_disk(km.pod_env(self.job, 0)["OUTPUT_DIR"]))
+        return Path(self._on_disk(pod_env(self.job, 0)["OUTPUT_DIR"]))
 
 
 def _env_vars() -> set[str]:

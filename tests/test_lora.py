@@ -14,7 +14,7 @@ import torch
 
 from train.checkpoint import complete_checkpoints
 
-from conftest import REPO, args_for, job_env, kill_tree, losses, read_metrics, start, train, wait_for_step
+from helpers import REPO, args_for, job_env, kill_tree, losses, read_metrics, start, train, wait_for_step
 from helpers import assert_refused, save_tiny_pretrained
 
 pytestmark = pytest.mark.slow

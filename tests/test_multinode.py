@@ -7,9 +7,8 @@ import time
 
 import pytest
 
-from conftest import TINY, free_port, kill_tree, losses, output, train, wait_for_step
 from helpers import NODE_COMMON as COMMON
-from helpers import make_train
+from helpers import TINY, free_port, kill_tree, losses, make_train, output, train, wait_for_step
 
 pytestmark = pytest.mark.slow
 

@@ -244,7 +244,7 @@ def test_an_unreachable_master_is_not_a_config_error():
 
 
 def test_launcher_exits_master_unreachable_when_node_0_never_answers(tmp_path):
-    from conftest import REPO, TINY, job_env
+    from helpers import REPO, TINY, job_env
 
     port = _free_port()  # nothing listens
     settings = {**TINY, "OUTPUT_DIR": str(tmp_path / "run"), "NNODES": "2", "NODE_RANK": "1",

@@ -13,7 +13,7 @@ from train.plan import (COST_ORDER, GiB, Row, activation_bytes, held_bytes, load
                         model_shape, recommend)
 from train.strategies import GRADS, OPTIM, PARAMS, STRATEGIES
 
-from conftest import read_metrics, train
+from helpers import read_metrics, train
 
 P, N = 1000, 4
 
@@ -177,10 +177,10 @@ def test_flops_per_token_is_6n_plus_the_attention_term():
 
     cfg, shape = shape_of("MODEL=llama-debug")
     conf = load_model_config(cfg)
-    h, inter, L, V = conf.hidden_size, conf.intermediate_size, conf.num_hidden_layers, conf.vocab_size
-    n_matmul = L * (4 * h * h + 3 * h * inter) + h * V  # q,k,v,o + gate,up,down per layer, output head
+    h, inter, layers, vocab = conf.hidden_size, conf.intermediate_size, conf.num_hidden_layers, conf.vocab_size
+    n_matmul = layers * (4 * h * h + 3 * h * inter) + h * vocab  # q,k,v,o + gate,up,down per layer, output head
     assert param_counts(conf)[0] == n_matmul
-    assert flops_per_token(conf, 128) == 6 * n_matmul + 12 * L * h * 128  # H x Q = h
+    assert flops_per_token(conf, 128) == 6 * n_matmul + 12 * layers * h * 128  # H x Q = h
 
 
 @pytest.mark.parametrize("name, precision, peak", [

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, job_env
+from helpers import REPO, TINY, job_env
 from helpers import have_namespaces, in_mount_namespace, try_network
 
 from train import exitcodes

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import free_port, losses, output, read_metrics, start, train, wait_for_step
+from helpers import free_port, losses, output, read_metrics, start, train, wait_for_step
 from helpers import make_train, wait_until_gone, worker_pids
 from train.checkpoint import MANIFEST, complete_checkpoints
 from train.exitcodes import CONFIG, DIVERGED, REPEATED_FAILURE
@@ -97,7 +97,7 @@ def test_a_nan_at_step_6_rolls_back_once_skips_its_batches_and_a_rerun_gives_the
     [ev] = events(first)
     assert ev["event"] == "rollback" and ev["reason"] == "loss is nan"
     assert (ev["from_step"], ev["to_step"], ev["attempt"]) == (6, 4, 1)
-    assert f'[event] {{"event": "rollback"' in p.stdout
+    assert '[event] {"event": "rollback"' in p.stdout
     rows = read_metrics(first)
     assert [r["step"] for r in rows] == list(range(1, 11)) and all(r["loss"] == r["loss"] for r in rows)
     manifest = json.loads((complete_checkpoints(first / "checkpoints")[-1] / MANIFEST).read_text())

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LAUNCH_TIMEOUT, REPO, args_for, free_port, job_env, kill_tree
+from helpers import LAUNCH_TIMEOUT, REPO, args_for, free_port, job_env, kill_tree
 from train import exitcodes
 from train.checkpoint import (GENERATION_FILE, MANIFEST, claim_run, complete_checkpoints, current_owner,
                               find_resume)

@@ -16,7 +16,7 @@ import torch
 from train.checkpoint import MANIFEST, complete_checkpoints
 from train.strategies import GRADS, OPTIM, PARAMS, STRATEGIES
 
-from conftest import kill_tree, losses, read_metrics, start, train, wait_for_step
+from helpers import kill_tree, losses, read_metrics, start, train, wait_for_step
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, args_for, job_env, read_metrics, train
+from helpers import REPO, args_for, job_env, read_metrics, train
 from helpers import assert_refused, flat, wandb_run
 
 pytestmark = pytest.mark.slow

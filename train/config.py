@@ -148,6 +148,9 @@ class LogConfig:
     progress: bool = True
     trackers: str = setting("tensorboard", "comma-separated: tensorboard, mlflow, wandb (or none); same metrics as metrics.jsonl", env="TRACKERS")
     project: str = setting("train", "MLflow experiment / W&B project name")
+    held_bytes_every: int = setting(10, "measure held_bytes (a walk over all state) on the first log step and every N-th after it")
+    straggler_fraction: float = setting(0.2, "warn when a rank's own time per step exceeds the median rank's by this fraction of the step time ...")
+    straggler_log_steps: int = setting(5, "... for this many log steps in a row (0 = never warn)")
 
 
 @dataclass
@@ -490,52 +493,55 @@ def _resolve_resume_name(cfg: RunConfig) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Checks that need no process group: everything a user can get wrong in the config."""
-    L, T, O = cfg.launch, cfg.train, cfg.optim
-    if not L.accelerate_config and L.strategy not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {L.strategy!r}; allowed: {', '.join(STRATEGIES)}")
-    if L.accelerate_config and not Path(L.accelerate_config).is_file():
-        raise ConfigError(f"ACCELERATE_CONFIG file {L.accelerate_config!r} not found")
-    P = cfg.preflight
-    for key, v in (("preflight.gpu_min_peak_fraction", P.gpu_min_peak_fraction),
-                   ("preflight.link_min_fraction", P.link_min_fraction)):
+    launch, train, opt, pre = cfg.launch, cfg.train, cfg.optim, cfg.preflight
+    if not launch.accelerate_config and launch.strategy not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {launch.strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    if launch.accelerate_config and not Path(launch.accelerate_config).is_file():
+        raise ConfigError(f"ACCELERATE_CONFIG file {launch.accelerate_config!r} not found")
+    for key, v in (("preflight.gpu_min_peak_fraction", pre.gpu_min_peak_fraction),
+                   ("preflight.link_min_fraction", pre.link_min_fraction)):
         if not 0 <= v <= 1:
             raise ConfigError(f"{key}={v} must be in [0, 1]")
-    if not 0 <= P.port < 65536:
-        raise ConfigError(f"preflight.port={P.port} is not a TCP port (0 = MASTER_PORT + 1)")
+    if not 0 <= pre.port < 65536:
+        raise ConfigError(f"preflight.port={pre.port} is not a TCP port (0 = MASTER_PORT + 1)")
     for key, v, lo in (
-        ("train.micro_batch", T.micro_batch, 1), ("train.grad_accum", T.grad_accum, 1),
-        ("train.max_steps", T.max_steps, 1), ("data.seq_len", cfg.data.seq_len, 8),
-        ("launch.nnodes", L.nnodes, 1), ("launch.nproc_per_node", L.nproc_per_node, 0),
+        ("train.micro_batch", train.micro_batch, 1), ("train.grad_accum", train.grad_accum, 1),
+        ("train.max_steps", train.max_steps, 1), ("data.seq_len", cfg.data.seq_len, 8),
+        ("launch.nnodes", launch.nnodes, 1), ("launch.nproc_per_node", launch.nproc_per_node, 0),
         ("log.every", cfg.log.every, 1), ("checkpoint.every", cfg.checkpoint.every, 0),
-        ("checkpoint.keep", cfg.checkpoint.keep, 1), ("train.global_batch", T.global_batch, 0),
-        ("launch.timeout_s", L.timeout_s, 1), ("launch.master_wait_s", L.master_wait_s, 0),
-        ("train.eval_every", T.eval_every, 0), ("train.eval_batches", T.eval_batches, 1),
-        ("optim.warmup_steps", O.warmup_steps, 0), ("data.num_workers", cfg.data.num_workers, 0),
+        ("checkpoint.keep", cfg.checkpoint.keep, 1), ("train.global_batch", train.global_batch, 0),
+        ("launch.timeout_s", launch.timeout_s, 1), ("launch.master_wait_s", launch.master_wait_s, 0),
+        ("train.eval_every", train.eval_every, 0), ("train.eval_batches", train.eval_batches, 1),
+        ("optim.warmup_steps", opt.warmup_steps, 0), ("data.num_workers", cfg.data.num_workers, 0),
         *((f"model.{k}", getattr(cfg.model, k), 0) for k in SIZE_KEYS),
-        ("launch.max_restarts", L.max_restarts, 0), ("launch.hang_timeout_s", L.hang_timeout_s, 0),
-        ("train.spike_factor", T.spike_factor, 0), ("train.spike_window", T.spike_window, 1),
-        ("train.max_rollbacks", T.max_rollbacks, 0),
-        ("preflight.shm_mb_per_gpu", P.shm_mb_per_gpu, 0), ("preflight.shm_mb_per_cpu_process", P.shm_mb_per_cpu_process, 0),
-        ("preflight.min_stack_mb", P.min_stack_mb, 0), ("preflight.disk_checkpoints", P.disk_checkpoints, 0),
-        ("preflight.min_link_gb_s", P.min_link_gb_s, 0), ("preflight.bandwidth_budget_s", P.bandwidth_budget_s, 0),
-        ("preflight.shared_wait_s", P.shared_wait_s, 0),
+        ("launch.max_restarts", launch.max_restarts, 0), ("launch.hang_timeout_s", launch.hang_timeout_s, 0),
+        ("train.spike_factor", train.spike_factor, 0), ("train.spike_window", train.spike_window, 1),
+        ("train.max_rollbacks", train.max_rollbacks, 0),
+        ("log.held_bytes_every", cfg.log.held_bytes_every, 1), ("log.straggler_log_steps", cfg.log.straggler_log_steps, 0),
+        ("preflight.shm_mb_per_gpu", pre.shm_mb_per_gpu, 0),
+        ("preflight.shm_mb_per_cpu_process", pre.shm_mb_per_cpu_process, 0),
+        ("preflight.min_stack_mb", pre.min_stack_mb, 0), ("preflight.disk_checkpoints", pre.disk_checkpoints, 0),
+        ("preflight.min_link_gb_s", pre.min_link_gb_s, 0), ("preflight.bandwidth_budget_s", pre.bandwidth_budget_s, 0),
+        ("preflight.shared_wait_s", pre.shared_wait_s, 0),
     ):
         if v < lo:
             raise ConfigError(f"{key}={v} is too small; it must be >= {lo}")
-    for key, v in (("optim.lr", O.lr), ("optim.eps", O.eps), ("optim.grad_clip", O.grad_clip)):
+    for key, v in (("optim.lr", opt.lr), ("optim.eps", opt.eps), ("optim.grad_clip", opt.grad_clip)):
         if not v > 0:
             raise ConfigError(f"{key}={v} must be > 0")
-    for key, v in (("optim.beta1", O.beta1), ("optim.beta2", O.beta2)):
+    for key, v in (("optim.beta1", opt.beta1), ("optim.beta2", opt.beta2)):
         if not 0 <= v < 1:
             raise ConfigError(f"{key}={v} must be in [0, 1)")
-    if not 0 <= O.min_lr_ratio <= 1:
-        raise ConfigError(f"optim.min_lr_ratio={O.min_lr_ratio} must be in [0, 1]")
-    if O.weight_decay < 0:
-        raise ConfigError(f"optim.weight_decay={O.weight_decay} must be >= 0")
-    if not 0 < L.master_port < 65536:
-        raise ConfigError(f"MASTER_PORT={L.master_port} is not a TCP port (1..65535)")
-    if not 0 <= L.node_rank < L.nnodes:
-        raise ConfigError(f"launch.node_rank={L.node_rank} must be in [0, nnodes={L.nnodes})")
+    if not 0 <= opt.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio={opt.min_lr_ratio} must be in [0, 1]")
+    if opt.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay={opt.weight_decay} must be >= 0")
+    if not 0 < launch.master_port < 65536:
+        raise ConfigError(f"MASTER_PORT={launch.master_port} is not a TCP port (1..65535)")
+    if not 0 <= launch.node_rank < launch.nnodes:
+        raise ConfigError(f"launch.node_rank={launch.node_rank} must be in [0, nnodes={launch.nnodes})")
+    if cfg.log.straggler_fraction <= 0:
+        raise ConfigError(f"log.straggler_fraction={cfg.log.straggler_fraction} must be > 0")
     if not 0 < cfg.data.eval_fraction < 0.5:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in (0, 0.5)")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
@@ -549,16 +555,16 @@ def resolve_batch(cfg: RunConfig, world_size: int) -> tuple[int, int]:
     If global_batch is set it is held fixed and accumulation is derived from it, so the same
     samples make up each optimizer step whatever the world size.
     """
-    T = cfg.train
-    if T.global_batch:
-        per_step = T.micro_batch * world_size
-        if T.global_batch % per_step:
+    train = cfg.train
+    if train.global_batch:
+        per_step = train.micro_batch * world_size
+        if train.global_batch % per_step:
             raise ConfigError(
-                f"GLOBAL_BATCH={T.global_batch} is not divisible by MICRO_BATCH x world size = "
-                f"{T.micro_batch} x {world_size} = {per_step}; choose a multiple of {per_step}"
+                f"GLOBAL_BATCH={train.global_batch} is not divisible by MICRO_BATCH x world size = "
+                f"{train.micro_batch} x {world_size} = {per_step}; choose a multiple of {per_step}"
             )
-        return T.global_batch // per_step, T.global_batch
-    return T.grad_accum, T.micro_batch * T.grad_accum * world_size
+        return train.global_batch // per_step, train.global_batch
+    return train.grad_accum, train.micro_batch * train.grad_accum * world_size
 
 
 def dump_yaml(cfg: RunConfig, redact: bool = True) -> str:

@@ -2,7 +2,7 @@
 
 Why this exists: accelerate 1.15 only selects FSDP on an accelerator. On CPU its backend
 choice returns no distributed type for a torchrun-launched process, so every rank trains
-alone on the full data with no error (measured; see ../shared/MACHINE-NOTES.md). PyTorch's
+alone on the full data with no error (measured; see docs/cpu-distributed.md). PyTorch's
 FSDP2 itself works on a CPU device mesh over gloo. So, on CPU only, we make accelerate's
 backend choice say "gloo + MULTI_GPU" (which its FSDP path requires) and keep the device on
 CPU. This is the only place the project changes accelerate's behaviour; the engagement and

@@ -41,7 +41,7 @@ def worker_env(strategy: Strategy | None, device: str) -> dict[str, str]:
     """Environment the workers need for this strategy on this device.
 
     On CPU accelerate does not engage DeepSpeed or FSDP with 2 processes on its own
-    (see ../shared/MACHINE-NOTES.md, "accelerate on CPU with 2 processes"); these are the
+    (see docs/cpu-distributed.md, "accelerate on CPU with 2 processes"); these are the
     checked recipes. On CUDA accelerate's defaults are right and nothing is added.
     """
     env = {ENV_DEVICE: device}

@@ -8,6 +8,7 @@ save, one rank dying at a given step), so the job can be told to inflict them on
                                            files are written, before it is marked complete
   TRAIN_FAILPOINTS="rank_dies=1@3"         rank 1 alone is SIGKILLed after step 3 (on every attempt)
   TRAIN_FAILPOINTS="rank_dies_first=1@7"   the same, only in the first attempt (torchrun restarts count)
+  TRAIN_FAILPOINTS="slow_rank=1:0.3"       rank 1 alone takes 0.3 s longer every step (a straggler)
   TRAIN_FAILPOINTS="data_sleep=1@5:30"     rank 1 sleeps 30 s while loading step 5's data
   TRAIN_FAILPOINTS="nan_at=6"              the step consuming epoch 0's 6th global batch gets a NaN loss
                                            and NaN gradients (so NaN weights); a rollback skips that batch
@@ -35,6 +36,10 @@ def after_step(step: int, rank: int) -> None:
         return
     if "step_sleep" in points:
         time.sleep(float(points["step_sleep"]))
+    if "slow_rank" in points:
+        who, seconds = points["slow_rank"].split(":")
+        if rank == int(who):
+            time.sleep(float(seconds))
     for key in ("rank_dies", "rank_dies_first"):
         if key in points:
             who, at = points[key].split("@")

@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from .checkpoint import Checkpointer, TrainState, checkpoint_root, export_final
 from . import lora
 from .config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
 from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, align_scheduler, build_accelerator,
-                          check_engaged, check_sharded, optimizer_step_skipped, resolve_device)
+                          check_engaged, check_sharded, fused_adamw, optimizer_step_skipped, resolve_device)
 from .flops import device_peak_flops, flops_per_token
 from .metrics import MetricsLog, MetricsWindow
 from .model import build_model, is_preset, load_tokenizer, model_config, param_count
@@ -42,21 +43,22 @@ def build_optimizer(model, cfg: RunConfig, device: str):
         if p.requires_grad:
             # no weight decay on norms/biases; ZeRO-3 (zero.Init) keeps the real shape in ds_shape
             (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    O = cfg.optim
-    groups = [{"params": decay, "weight_decay": O.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = cfg.optim
+    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # Drop an empty group (LoRA adapters are all matrices): ZeRO drops it, and the LR scheduler
     # built on our groups would then no longer line up with DeepSpeed's (align_scheduler).
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=O.lr, betas=(O.beta1, O.beta2), eps=O.eps, fused=device == "cuda")
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                             fused=fused_adamw(selected_strategy(cfg.launch), cfg.train.precision, device))
 
 
 def build_scheduler(optimizer, cfg: RunConfig):
     from transformers import get_scheduler
 
-    O = cfg.optim
-    name, extra = {"cosine": ("cosine_with_min_lr", {"min_lr_rate": O.min_lr_ratio}),
-                   "linear": ("linear", None), "constant": ("constant_with_warmup", None)}[O.schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=O.warmup_steps, num_training_steps=cfg.train.max_steps,
+    opt = cfg.optim
+    name, extra = {"cosine": ("cosine_with_min_lr", {"min_lr_rate": opt.min_lr_ratio}),
+                   "linear": ("linear", None), "constant": ("constant_with_warmup", None)}[opt.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=cfg.train.max_steps,
                          scheduler_specific_kwargs=extra)
 
 
@@ -65,18 +67,20 @@ def sample_hash(index: torch.Tensor) -> torch.Tensor:
     return ((index.long() + 1) * 2654435761 % 2_147_483_647).sum()
 
 
-def forward_backward(model, micro: list[dict], acc) -> torch.Tensor:
+def forward_backward(model, micro: list[dict], acc, waiting=nullcontext) -> torch.Tensor:
     """Forward/backward over one optimizer step's micro-batches; returns the summed loss terms.
 
     The loss is the per-token mean over the whole effective batch (all micro-batches, all
     ranks): each micro-batch's summed token loss is divided by that global token count, not
     by its own (averaging per-micro-batch means is wrong when counts differ, transformers#24725).
     accelerate (or DeepSpeed) divides by the accumulation steps and the gradient all-reduce
-    averages over ranks, so the count passed to the model is pre-divided by both.
+    averages over ranks, so the count passed to the model is pre-divided by both. That count
+    is the step's first collective: ``waiting`` times it (a rank that arrives early waits there).
     """
-    W, A = acc.num_processes, len(micro)
+    world, accum = acc.num_processes, len(micro)
     local_items = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro)
-    items = acc.reduce(local_items.float(), "sum") / (W * A)
+    with waiting():  # (a sum over one rank is the rank's own count: no collective)
+        items = (acc.reduce(local_items.float(), "sum") if world > 1 else local_items.float()) / (world * accum)
     total = torch.zeros((), device=acc.device)
     for b in micro:
         with acc.accumulate(model):
@@ -192,12 +196,18 @@ def setup(cfg: RunConfig) -> Run:
 def metrics_window(r: Run) -> MetricsWindow:
     # MFU: model FLOPs per token (train/flops.py) against the device's peak; None on CPU/unknown GPUs.
     flops_token = flops_per_token(r.mconf, r.cfg.data.seq_len, trust_remote_code=r.cfg.model.trust_remote_code)
-    return MetricsWindow(r.acc, r.grad_accum, r.tokens_per_step, flops_token,
+    return MetricsWindow(r.acc, r.cfg.log, r.cfg.train.max_steps, r.grad_accum, r.tokens_per_step, flops_token,
                          device_peak_flops(r.acc.device, r.cfg.train.precision))
+
+
+# What a finished run leaves behind is never freed: destroying a DDP reducer's gloo group after
+# the process group is gone can hang (docs/cpu-distributed.md); main() ends with os._exit.
+_KEEP_ALIVE: list[Run] = []
 
 
 def train(cfg: RunConfig) -> int:
     r = setup(cfg)
+    _KEEP_ALIVE.append(r)
     acc, state, model, optimizer = r.acc, r.state, r.model, r.optimizer
     window = metrics_window(r)
     last_saved, stopped = state.step, False
@@ -212,8 +222,8 @@ def train(cfg: RunConfig) -> int:
             failpoints.before_data(state.step + 1, acc.process_index)
             micro = [next(batches) for _ in range(r.grad_accum)]
             progress.phase("forward")
-            r.probe.reset(armed=state.step == 0 or (state.step + 1) % cfg.log.every == 0)  # step 1 and log steps
-            loss = forward_backward(model, micro, acc)
+            r.probe.reset(armed=window.measures_held_bytes(state.step + 1))
+            loss = forward_backward(model, micro, acc, window.timer.waiting)
             loss = failpoints.poison(loss, model, state.epoch, state.samples_in_epoch // r.global_batch + 1)
             window.add(loss, sum(sample_hash(b["index"]) for b in micro))
             assert acc.sync_gradients, "accumulation boundary out of step with the data"
@@ -230,8 +240,9 @@ def train(cfg: RunConfig) -> int:
             if state.step == 1 and r.strategy is not None and r.probe.last is not None:
                 check_sharded(r.probe.last, r.full, r.strategy, acc.num_processes)
 
-            if state.step % cfg.log.every == 0 or state.step == cfg.train.max_steps:
-                record = window.record(state, r.scheduler.get_last_lr()[0], grad_norm, r.probe.last)
+            if window.is_log_step(state.step):
+                record = window.record(state, r.scheduler.get_last_lr()[0], grad_norm,
+                                       r.probe.last if r.probe.armed else None)
                 spike = guard.check(record["loss"])
                 if spike:  # every rank sees the same reduced loss, so all roll back together
                     state = r.state = roll_back(r, spike)
@@ -241,7 +252,7 @@ def train(cfg: RunConfig) -> int:
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
                 progress.phase("eval")
                 r.log.log({"step": state.step, **evaluate(model, r.evals, acc, cfg.train.eval_batches)})
-            stopped = r.stop.agreed()
+            stopped = r.stop.agreed()  # non-blocking: a signal is agreed on one step after it arrives
             if stopped or state.step >= cfg.train.max_steps:
                 break  # the checkpoint after the loop covers both
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
@@ -253,6 +264,7 @@ def train(cfg: RunConfig) -> int:
         if rolled_back:
             continue
 
+    r.stop.close()
     progress.phase("checkpoint")
     if last_saved != state.step:
         r.ckpt.save(state, r.config_yaml)
@@ -327,5 +339,5 @@ def main(cfg: RunConfig) -> None:
     code = train(cfg)
     progress.finished(code)
     sys.stdout.flush()
-    # Some 2-process gloo runs hang at interpreter exit after training (MACHINE-NOTES); exit explicitly.
+    # Some 2-process gloo runs hang at interpreter exit after training (docs/cpu-distributed.md); exit explicitly.
     os._exit(code)

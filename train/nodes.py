@@ -49,6 +49,9 @@ LAUNCHER_SCRUB_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "
                        "PET_MASTER_PORT")
 
 
+_Parser = Optional[Callable[[Mapping[str, str], str], object]]  # reads a variable; None = our own name
+
+
 @dataclass(frozen=True)
 class NodeSpec:
     nnodes: int
@@ -109,9 +112,7 @@ def resolve_nodes(launch: LaunchConfig, env: Mapping[str, str]) -> NodeSpec:
     used: dict[str, str] = {}
     defaulted: set[str] = set()
 
-    Parse = Optional[Callable[[Mapping[str, str], str], object]]
-
-    def pick(field: str, candidates: list[tuple[str, str, Parse]]) -> object:
+    def pick(field: str, candidates: list[tuple[str, str, _Parser]]) -> object:
         """The first candidate (source, variable, parser) that is set; parser None = our own name."""
         for source, var, parse in candidates:
             if parse is None and explicit(var, field):

@@ -149,15 +149,16 @@ def model_shape(conf, name: str, trust_remote_code: bool = False) -> ModelShape:
             raise ConfigError(f"model {name!r}: its config has no {attr}; the planner handles decoder-only "
                               "transformers configs (Llama, Mistral, Qwen, Gemma, GPT-NeoX, ...)")
     matmul, total = param_counts(conf, trust_remote_code)
-    h, L, H = conf.hidden_size, conf.num_hidden_layers, conf.num_attention_heads
-    kv = getattr(conf, "num_key_value_heads", None) or H
-    d = getattr(conf, "head_dim", None) or h // H
+    h, layers, heads = conf.hidden_size, conf.num_hidden_layers, conf.num_attention_heads
+    kv = getattr(conf, "num_key_value_heads", None) or heads
+    d = getattr(conf, "head_dim", None) or h // heads
     inter = getattr(conf, "intermediate_size", None) or 4 * h
     vocab = conf.vocab_size
     tied = bool(getattr(conf, "tie_word_embeddings", False))
     root = vocab * h * (1 if tied else 2) + h  # embeddings (+ untied head) + final norm
-    layer = max(0, (total - root) // L)
-    return ModelShape(name, conf.model_type, total, matmul, L, h, H, kv, d, inter, vocab, layer, total - layer * L)
+    layer = max(0, (total - root) // layers)
+    return ModelShape(name, conf.model_type, total, matmul, layers, h, heads, kv, d, inter, vocab, layer,
+                      total - layer * layers)
 
 
 # -- bytes ---------------------------------------------------------------------------------

@@ -1,0 +1,213 @@
+"""Running the measurements: every run is a child process (a real job as users start it, or one
+``bench --worker KIND`` process per single-process loop), results are raw per-step numbers.
+Summaries and the report are train/bench/report.py's job."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from ..config import RunConfig
+from ..nodes import LAUNCHER_SCRUB_VARS
+from ..strategies import REPO_ROOT, STRATEGIES
+from .settings import LOOPS, RUN_TIMEOUT_S, BenchSettings
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The training rows of a run's metrics.jsonl (evaluation rows left out)."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+# -- child processes --------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_env(extra: dict | None = None) -> dict:
+    """This environment without a surrounding job's rank variables (the launcher's own list);
+    every run setting the bench depends on is on the child's command line, which beats the
+    environment (see ``_run_args``)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_SCRUB_VARS}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def _spawn(cmd: list[str], env: dict, timeout: float, marks: dict[str, str]) -> dict:
+    """Run a command; timestamp (seconds after start) the first stdout line matching each mark."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    seen: dict[str, float] = {}
+    tail: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            now = time.perf_counter() - t0
+            tail.append(line)
+            del tail[:-60]
+            for name, pattern in marks.items():
+                if name not in seen and re.search(pattern, line):
+                    seen[name] = now
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the job's own session: launcher, accelerate, ranks
+        proc.wait()
+        rc = "timeout"
+    reader.join(timeout=10)
+    return {"rc": rc, "wall_s": time.perf_counter() - t0, "marks": seen, "tail": "".join(tail)}
+
+
+def _run_args(s: BenchSettings, out: Path, **over) -> list[str]:
+    args = {"MODEL": s.model, "SEQ_LEN": s.seq_len, "MICRO_BATCH": s.micro_batch, "DEVICE": s.device,
+            "LOG_EVERY": 1, "MAX_STEPS": s.steps, "CHECKPOINT_EVERY": 0, "OUTPUT_DIR": out, "RESUME": "never",
+            "checkpoint.export": "false", "log.tensorboard": "false", "log.progress": "false",
+            "train.eval_every": 0, "train.eval_batches": 1, "GRAD_ACCUM": 1, "GLOBAL_BATCH": 0,
+            # one node on this machine, our strategy files, whatever the surrounding environment says
+            "NNODES": 1, "NODE_RANK": 0, "MASTER_ADDR": "127.0.0.1", "ACCELERATE_CONFIG": ""}
+    args.update(over)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def run_job(s: BenchSettings, workdir: Path, *, strategy: str, nproc: int = 2, precision: str = "no") -> dict:
+    """A real job exactly as users start it, ``python -m train`` (launcher -> accelerate launch ->
+    ranks); per-step wall times, tokens/s and held bytes come from its metrics.jsonl."""
+    out = Path(tempfile.mkdtemp(prefix=f"job-{strategy}-", dir=workdir))
+    args = _run_args(s, out, NPROC=nproc, STRATEGY=strategy, PRECISION=precision, MASTER_PORT=_free_port())
+    res = _spawn([sys.executable, "-m", "train", *args], _child_env(), RUN_TIMEOUT_S,
+                 {"launcher": r"^\[launch\]", "engaged": r"^\[train\] strategy=", "first_step": r"^step=1 "})
+    rows = read_metrics(out)
+    result = {"kind": "job", "nproc": nproc, "strategy": strategy, "precision": precision, "rc": res["rc"],
+              "wall_s": res["wall_s"], "marks": res["marks"],
+              "step_times": [r["step_time_s"] for r in rows][s.burn_in:],
+              "tokens_per_second": [r["tokens_per_second"] for r in rows][s.burn_in:],
+              "losses": [r["loss"] for r in rows],
+              "held_bytes": rows[0].get("held_bytes") if rows else None,
+              "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
+              "threads": max(1, (os.cpu_count() or 1) // nproc) if s.device == "cpu" else None}  # launcher's rule
+    if res["rc"] != 0 or len(rows) < s.steps:
+        result["error"] = f"exit {res['rc']} after {len(rows)} of {s.steps} steps:\n{res['tail'][-3000:]}"
+    return result
+
+
+def run_single(kind: str, s: BenchSettings, workdir: Path, precision: str = "no") -> dict:
+    """One single-process run of ``kind`` (ours | plain | plain-ddp | trainer), ``bench --worker KIND``.
+
+    All get the same ``OMP_NUM_THREADS`` / ``torch.set_num_threads``. ``ours`` and
+    ``plain-ddp`` also get the environment torchrun gives a 1-process job (what
+    ``python -m train NPROC=1`` runs under: a gloo group of one, DDP-wrapped by accelerate).
+    """
+    from ..distributed import ENV_EXPECTED_WORLD, worker_env
+
+    out = Path(tempfile.mkdtemp(prefix=f"{kind}-{precision}-", dir=workdir))
+    result_path = out / "bench-result.json"
+    env = {"OMP_NUM_THREADS": str(s.threads)}
+    if kind in ("ours", "plain-ddp"):
+        env.update(worker_env(STRATEGIES["ddp"], s.device))
+        env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), ENV_EXPECTED_WORLD: "1",
+                    "ACCELERATE_MIXED_PRECISION": precision})
+    cmd = [sys.executable, "-m", "train", "bench", "--worker", kind, "--result", str(result_path),
+           "--steps", str(s.steps), "--threads", str(s.threads),
+           *_run_args(s, out, PRECISION=precision, NPROC=1, STRATEGY="ddp")]
+    res = _spawn(cmd, _child_env(env), RUN_TIMEOUT_S,
+                 {"engaged": r"^(\[train\] strategy=|\[bench\] built)", "first_step": r"^(step=1 |\[bench\] step 1 )"})
+    result = {"kind": kind, "precision": precision, "rc": res["rc"], "wall_s": res["wall_s"], "marks": res["marks"]}
+    try:
+        data = json.loads(result_path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    result.update(data)
+    result["step_times"] = data.get("step_times", [])[s.burn_in:]
+    result["cpu_times"] = data.get("cpu_times", [])[s.burn_in:]
+    if res["rc"] != 0 or len(data.get("step_times", [])) < s.steps:
+        result["error"] = f"exit {res['rc']}:\n{res['tail'][-3000:]}"
+    return result
+
+
+# -- data efficiency ------------------------------------------------------------------------
+def data_efficiency(cfg: RunConfig) -> dict:
+    """Useful tokens of the packed pipeline vs padding each line (document) to seq_len."""
+    from ..data import load_text, tokenize_and_pack
+    from ..model import load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    tokenized, packed = tokenize_and_pack(load_text(cfg.data), tok, cfg.data)
+    lengths = [len(x) for x in tokenized["input_ids"]]  # each document with its EOS
+    seq, raw = cfg.data.seq_len, sum(lengths)
+    kept_packed = len(packed) * seq
+    kept_padded = sum(min(n, seq) for n in lengths)
+    mb = cfg.train.micro_batch
+    batches = [lengths[i:i + mb] for i in range(0, len(lengths), mb)]
+    computed_dynamic = sum(len(b) * min(max(b), seq) for b in batches)
+    return {
+        "documents": len(lengths), "corpus_tokens": raw, "seq_len": seq,
+        "mean_document_tokens": raw / len(lengths), "max_document_tokens": max(lengths),
+        "packed": {"computed": kept_packed, "useful": kept_packed, "useful_fraction": 1.0,
+                   "corpus_fraction": kept_packed / raw},
+        "pad_to_max_length": {"computed": len(lengths) * seq, "useful": kept_padded,
+                              "useful_fraction": kept_padded / (len(lengths) * seq), "corpus_fraction": kept_padded / raw},
+        "pad_to_longest_in_batch": {"computed": computed_dynamic, "useful": kept_padded,
+                                    "useful_fraction": kept_padded / computed_dynamic,
+                                    "corpus_fraction": kept_padded / raw},
+    }
+
+
+# -- everything, in order -------------------------------------------------------------------------
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def collect(s: BenchSettings, cfg: RunConfig, workdir: Path, log) -> dict:
+    """Every run of the bench: {"single": {kind: [run, ...]}, "jobs": [run, ...], "data": {...},
+    "two_processes": bool}. Each run is the raw result of one process, with the load average."""
+    # 1 + 5: alternate the single-process loops; order reversed every other round.
+    order = [*LOOPS, "ours-bf16"]
+    single: dict[str, list[dict]] = {k: [] for k in order}
+    for rnd in range(s.rounds):
+        for key in (order if rnd % 2 == 0 else order[::-1]):
+            log(f"round {rnd + 1}/{s.rounds}: {key}")
+            if key == "ours-bf16":
+                r = run_single("ours", s, workdir, precision="bf16")
+            else:
+                r = run_single(key, s, workdir)
+            r["load"] = os.getloadavg()[0]
+            single[key].append(r)
+            if "error" in r:
+                log(f"  {key} failed: {r['error'][:2000]}")
+
+    # 2 + 4: every strategy with 2 processes at the same global batch.
+    jobs = []
+    two = s.device == "cpu" or _cuda_count() >= 2
+    for name in s.strategies if two else []:
+        log(f"strategy {name} (2 processes)")
+        r = run_job(s, workdir, strategy=name)
+        r["load"] = os.getloadavg()[0]
+        jobs.append(r)
+        if "error" in r:
+            log(f"  {name} failed: {r['error'][:2000]}")
+
+    # 3
+    log("data efficiency")
+    return {"single": single, "jobs": jobs, "two_processes": two, "data": data_efficiency(cfg)}

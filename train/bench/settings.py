@@ -1,0 +1,40 @@
+"""What one bench run measures: its settings (saved in the report) and its targets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+QUICK = {"MODEL": "llama-debug", "SEQ_LEN": "32", "MICRO_BATCH": "4"}
+TARGET_OVERHEAD = 1.02  # our loop's median step time / the plain loop's
+TARGET_USEFUL = 0.999
+TARGET_MEMORY = 0.05  # |measured / formula - 1| for N=2
+RUN_TIMEOUT_S = 600
+LOOPS = ("ours", "plain-ddp", "plain", "trainer")  # the single-process loops of section 1
+
+
+@dataclass
+class BenchSettings:
+    model: str
+    seq_len: int
+    micro_batch: int
+    dataset: str
+    device: str  # "cpu" | "cuda"
+    steps: int  # optimizer steps per run
+    burn_in: int  # first steps of each run not timed
+    rounds: int  # alternating rounds of the single-process runs
+    strategies: list[str]  # section 2: each run with 2 processes
+    threads: int  # torch threads of every single-process run
+    quick: bool
+
+    @property
+    def primary(self) -> str:
+        """The clock the ratios use: process CPU time with one thread per process on CPU (on a shared
+        CPU the wall clock also measures the neighbours), wall time otherwise."""
+        return "cpu" if self.device == "cpu" and self.threads == 1 else "wall"
+
+    @property
+    def tokens_per_step(self) -> int:  # of a single-process run
+        return self.micro_batch * self.seq_len
+
+    def to_dict(self) -> dict:
+        return asdict(self)
