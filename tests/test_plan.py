@@ -71,7 +71,11 @@ def test_offload_strategies_keep_state_in_cpu_ram_and_only_buffers_on_the_gpu():
         assert r.offloaded == r.parameters + r.gradients + r.optimizer + r.master
         assert r.gpu == r.buffers
         assert r.total == r.buffers + r.activations
-    assert rows["ddp"].offloaded == 0 and rows["ddp"].gpu > rows["zero3"].gpu > rows["zero3-offload"].gpu
+    state = {n: r.parameters + r.gradients + r.optimizer for n, r in rows.items()}
+    assert rows["ddp"].offloaded == 0 and state["ddp"] > state["zero3"]
+    # Totals are not ordered the same way on a model this small: DeepSpeed's CUDA bucket floors
+    # (5e7 elements) outweigh a 5M-parameter model's state.
+    assert rows["zero3"].gpu > rows["zero3-offload"].gpu
 
 
 def test_activation_checkpointing_shrinks_the_estimate_and_eager_attention_grows_it():
