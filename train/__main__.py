@@ -10,6 +10,8 @@ Commands:
   bench    the benchmark table (see train/bench.py)
   env      versions of everything that matters, and `accelerate env`
   warm     pre-build DeepSpeed's JIT ops for this machine (done by `make` at install time)
+  export   CKPT OUT: a Hugging Face model (safetensors, config, tokenizer) from any checkpoint
+  convert  CKPT OUT --to STRATEGY [--world-size N]: a checkpoint that resumes under STRATEGY
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 
 from .config import ConfigError
 
-COMMANDS = ("launch", "worker", "config", "keys", "plan", "bench", "env", "warm")
+COMMANDS = ("launch", "worker", "config", "keys", "plan", "bench", "env", "warm", "export", "convert")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,6 +53,10 @@ def run(cmd: str, argv: list[str]) -> None:
         from .plan import main as plan_main
 
         plan_main(argv)
+    elif cmd in ("export", "convert"):
+        from .convert import main as convert_main
+
+        convert_main(cmd, argv)
     elif cmd == "bench":
         from .bench import main as bench_main
 

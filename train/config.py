@@ -131,7 +131,6 @@ class RunConfig:
             "model": self.model.name,
             "seq_len": self.data.seq_len,
             "dataset": self.data.dataset,
-            "strategy_family": strategy_family(self.launch),
             "seed": self.seed,
         }
 
