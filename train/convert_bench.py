@@ -1,0 +1,119 @@
+"""Peak memory of `export` and `convert` on a ~100M-parameter model: ``python -m train.convert_bench``.
+
+Builds a ~100M-parameter Llama (local model folder), writes a DDP-layout checkpoint of it with
+real AdamW state (one optimizer step on random gradients), then runs `python -m train export`
+and `convert` as child processes and reads their peak resident memory (``ru_maxrss``), next to
+the floor (the same interpreter importing torch, transformers and train.convert) and the
+checkpoint's size. Writes ``bench-results/convert-memory_<date>.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .strategies import REPO_ROOT
+
+# hidden 768, 12 layers, MLP 2560, the repo's 640-token vocabulary: 99.4M parameters.
+CONFIG = dict(hidden_size=768, intermediate_size=2560, num_hidden_layers=12, num_attention_heads=12,
+              num_key_value_heads=12, vocab_size=640, max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def make_checkpoint(root: Path) -> tuple[Path, int]:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from .config import dump_yaml, load_config
+    from .loop import build_optimizer
+    from .model import TOKENIZER_DIR
+
+    model_dir = root / "model"
+    conf = LlamaConfig(**CONFIG)
+    conf.architectures = ["LlamaForCausalLM"]
+    conf.save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
+    n = sum(p.numel() for p in model.parameters())
+    cfg = load_config([f"MODEL={model_dir}", "STRATEGY=ddp"], env={}, dotenv_path=None)
+    opt = build_optimizer(model, cfg, "cpu")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    ckpt = root / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"),
+              metadata={"format": "pt"})
+    torch.save(opt.state_dict(), ckpt / "optimizer.bin")
+    (ckpt / "run_config.yaml").write_text(dump_yaml(cfg))
+    files = {f.name: f.stat().st_size for f in ckpt.iterdir()}
+    manifest = {"format": 1, "step": 1, "train_state": {"step": 1}, "world_size": 1, "strategy": "ddp",
+                "form": "native", "fingerprint": cfg.fingerprint(), "files": files}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    return ckpt, n
+
+
+def peak_rss_mb(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Peak RSS (MiB) and wall seconds of ``cmd``, run under a fresh wrapper so ru_maxrss is its own."""
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", wrapper, *cmd], cwd=REPO_ROOT, env=env, capture_output=True,
+                       text=True, timeout=1800)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    return int(p.stdout.strip().splitlines()[-1]) / 1024, time.monotonic() - t0
+
+
+def main(argv: list[str] | None = None) -> None:
+    import os
+
+    ap = argparse.ArgumentParser(prog="python -m train.convert_bench")
+    ap.add_argument("--out", default=str(REPO_ROOT / "bench-results"))
+    ap.add_argument("--shard-mb", default="512,64", help="shard sizes to measure, MiB")
+    args = ap.parse_args(argv)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        ckpt, n = make_checkpoint(root)
+        size_mb = sum(f.stat().st_size for f in ckpt.iterdir()) / 2**20
+        floor, _ = peak_rss_mb([sys.executable, "-c", "import torch, transformers, safetensors, train.convert"], env)
+        rows.append({"what": "floor: python + torch + transformers + train.convert imported", "peak_rss_mib": floor})
+        for mb in [int(x) for x in args.shard_mb.split(",")]:
+            e = {**env, "TRAIN_PORTABLE_SHARD_BYTES": str(mb * 2**20)}
+            for cmd in ("export", "convert"):
+                out = root / f"{cmd}-{mb}"
+                extra = ["--to", "zero3"] if cmd == "convert" else []
+                peak, wall = peak_rss_mb([sys.executable, "-m", "train", cmd, str(ckpt), str(out), *extra], e)
+                written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
+                rows.append({"what": f"{cmd}, shards <= {mb} MiB", "peak_rss_mib": peak, "wall_s": wall,
+                             "written_mib": written})
+    date = time.strftime("%Y-%m-%d")
+    result = {"params": n, "checkpoint_mib": size_mb, "config": CONFIG, "rows": rows,
+              "command": "python -m train.convert_bench " + " ".join(argv or sys.argv[1:]),
+              "load_avg": os.getloadavg()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"convert-memory_{date}.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# Checkpoint conversion memory ({date})", "",
+             f"Llama, {n / 1e6:.1f}M parameters (`train/convert_bench.py` CONFIG), DDP-layout checkpoint of "
+             f"{size_mb:.0f} MiB (fp32 weights + AdamW exp_avg/exp_avg_sq). Peak RSS is `ru_maxrss` of the "
+             f"command's process. Command: `{result['command']}`.", "",
+             "| what | peak RSS MiB | above floor MiB | wall s | written MiB |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['what']} | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - floor:.0f} | "
+                     f"{r.get('wall_s', 0):.1f} | {r.get('written_mib', 0):.0f} |")
+    (out / f"convert-memory_{date}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
