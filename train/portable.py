@@ -61,14 +61,18 @@ def run_config(ckpt: Path):
 
 def skeleton(cfg):
     """(model on the meta device, transformers config, tokenizer): names, shapes and order, no memory."""
-    from transformers import AutoModelForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoModelForCausalLM
 
     from .model import load_tokenizer, model_config
 
     tok = load_tokenizer(cfg.model)
     mconf = model_config(cfg.model, len(tok))
+    # The class itself, not from_config: inside a ZeRO-3 worker from_config would enter
+    # deepspeed.zero.Init, whose collectives hang when only rank 0 builds a skeleton.
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(mconf), None)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(mconf, dtype=torch.float32)
+        model = cls(mconf) if cls is not None else AutoModelForCausalLM.from_config(
+            mconf, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
     if model.config.vocab_size < len(tok):
         model.resize_token_embeddings(len(tok))
     return model, mconf, tok
