@@ -95,12 +95,21 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m train.convert_bench")
     ap.add_argument("--out", default=str(REPO_ROOT / "bench-results"))
     ap.add_argument("--shard-mb", default="512,64", help="shard sizes to measure, MiB")
+    ap.add_argument("--make", help=argparse.SUPPRESS)  # internal: write the checkpoint in a child process
     args = ap.parse_args(argv)
+    if args.make:
+        ckpt, n = make_checkpoint(Path(args.make))
+        print(n)
+        return
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
     rows = []
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        ckpt, n = make_checkpoint(root)
+        # In a child: its 1.6 GB would otherwise count in every later child's ru_maxrss (fork copies it).
+        made = subprocess.run([sys.executable, "-m", "train.convert_bench", "--make", str(root)], cwd=REPO_ROOT,
+                              env=env, capture_output=True, text=True, timeout=1800, check=True)
+        n = int(made.stdout.strip().splitlines()[-1])
+        ckpt = root / "checkpoints" / "step_00000001"
         size_mb = sum(f.stat().st_size for f in ckpt.iterdir()) / 2**20
         floor, floor_anon, _ = peak_rss_mb([sys.executable, "-c", "import torch, transformers, safetensors, train.convert"], env)
         rows.append({"what": "floor: python + torch + transformers + train.convert imported", "peak_rss_mib": floor,

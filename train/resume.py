@@ -55,15 +55,26 @@ def _load_torch(model, unwrapped, optimizer, src: Source) -> None:
 def _load_deepspeed(engine, unwrapped, optimizer, src: Source) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    zero, inner = engine.optimizer, innermost_optimizer(optimizer)
+    # Adam creates its moments at the first step and DeepSpeed links them to the parameters
+    # then (ZeRO 1/2: _lazy_init_hp_params_optimizer_state; ZeRO-3 reads optimizer.state
+    # directly), so before a first step there is nothing to set: create them as Adam would.
+    torch_step = type(inner).__module__.startswith("torch.optim")
+    for group in inner.param_groups:
+        for flat in group["params"]:
+            st = inner.state[flat]
+            if "exp_avg" not in st:
+                st.update(step=torch.tensor(0.0) if torch_step else 0, exp_avg=torch.zeros_like(flat),
+                          exp_avg_sq=torch.zeros_like(flat))
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._lazy_init_hp_params_optimizer_state()
     for name, p in unwrapped.named_parameters():
         safe_set_full_fp32_param(p, src.get("param", name))
         for kind in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(p, src.get(kind, name), kind)
-    inner = innermost_optimizer(optimizer)
     for st in inner.state.values():
         if "step" in st:
             st["step"] = torch.tensor(float(src.step)) if torch.is_tensor(st["step"]) else src.step
-    zero = engine.optimizer
     if hasattr(zero, "update_lp_params"):  # ZeRO 1/2: fp32 partitions -> the model's (all-gathered) weights
         zero.update_lp_params()
     else:
