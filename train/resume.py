@@ -60,12 +60,12 @@ def _load_deepspeed(engine, unwrapped, optimizer, src: Source) -> None:
     # then (ZeRO 1/2: _lazy_init_hp_params_optimizer_state; ZeRO-3 reads optimizer.state
     # directly), so before a first step there is nothing to set: create them as Adam would.
     torch_step = type(inner).__module__.startswith("torch.optim")
-    for group in inner.param_groups:
-        for flat in group["params"]:
-            st = inner.state[flat]
-            if "exp_avg" not in st:
-                st.update(step=torch.tensor(0.0) if torch_step else 0, exp_avg=torch.zeros_like(flat),
-                          exp_avg_sq=torch.zeros_like(flat))
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
+    for flat in flats:  # the fp32 partitions the inner optimizer steps on (ZeRO-3 / ZeRO 1/2)
+        st = inner.state[flat]
+        if "exp_avg" not in st:
+            st.update(step=torch.tensor(0.0) if torch_step else 0, exp_avg=torch.zeros_like(flat),
+                      exp_avg_sq=torch.zeros_like(flat))
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
         zero._lazy_init_hp_params_optimizer_state()
     for name, p in unwrapped.named_parameters():
