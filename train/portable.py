@@ -253,11 +253,11 @@ def _quiet():
 
 def open_source(ckpt: Path, model=None, work: Path | None = None) -> Source:
     """The checkpoint's tensors, whichever layout holds them (portable form preferred if present)."""
+    if (ckpt / PORTABLE / INDEX).is_file():
+        return PortableSource(ckpt / PORTABLE)
     kind = layout(ckpt)
     if kind == "portable":
         return PortableSource(ckpt)
-    if (ckpt / PORTABLE / INDEX).is_file():
-        return PortableSource(ckpt / PORTABLE)
     if model is None:
         model = skeleton(run_config(ckpt))[0]
     try:
