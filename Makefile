@@ -20,6 +20,13 @@ RUN_VARS = $(or $(_RUN_VARS),$(eval _RUN_VARS := $(shell cd $(HERE) && \
   $(firstword $(wildcard $(abspath $(PY))) $(PYTHON)) -m train keys --env-names))$(_RUN_VARS))
 
 STAMP := $(VENV)/.installed
+# Which torch build the venv gets. PyPI's Linux torch is the multi-GB CUDA build: right on a
+# host whose NVIDIA driver answers, wasted on a CPU-only one, which gets PyTorch's CPU index
+# (added to pip's own indexes, so a mirror or local wheel in pip's configuration still counts).
+# Override: `make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128` (a CUDA version),
+# or `TORCH_INDEX=` for pip's configuration alone.
+HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH_INDEX ?= $(if $(HAS_NVIDIA_GPU),,https://download.pytorch.org/whl/cpu)
 PYTEST_ARGS ?=
 # Extra `section.key=value` overrides for train, e.g. ARGS='optim.lr=1e-3 train.eval_every=0'
 ARGS ?=
@@ -27,15 +34,15 @@ ARGS ?=
 $(STAMP): constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade "pip>=24"
-	# torch first, pinned: an unpinned torch pulls the multi-GB CUDA build on CPU machines.
-	$(VENV)/bin/pip install --quiet -c constraints.txt torch
+	# torch first, pinned, from the build chosen above (TORCH_INDEX): $(if $(TORCH_INDEX),$(TORCH_INDEX),pip's configuration)
+	$(VENV)/bin/pip install --quiet -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
 	# DeepSpeed's setup imports torch, so it cannot build in an isolated environment.
 	DS_BUILD_OPS=0 $(VENV)/bin/pip install --quiet --no-build-isolation -c constraints.txt deepspeed
 	$(PY) -m train warm
 	touch $@
 
-.PHONY: help venv train test test-fast env config keys plan bench strategies clean
+.PHONY: help venv train test test-fast test-gpu env config keys plan bench strategies clean
 
 help: ## Show targets and run settings
 	@echo "Usage: make TARGET [NAME=value ...]   e.g. make train STRATEGY=zero2 NPROC=2 MAX_STEPS=50"
@@ -56,6 +63,10 @@ test: $(STAMP) ## Run the whole test suite (real multi-process jobs on CPU)
 
 test-fast: $(STAMP) ## Only the tests that start no training job
 	$(PY) -m pytest -m "not slow and not docker" $(PYTEST_ARGS)
+
+test-gpu: $(STAMP) ## On NVIDIA GPUs: every strategy in bf16/fp16, fp16 skips, ~1B throughput; results in bench-results/
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu needs a CUDA GPU; torch ' + torch.__version__ + ' sees none')"
+	$(PY) -m pytest -m gpu -p no:cacheprovider -rs tests/test_gpu.py tests/test_precision.py $(PYTEST_ARGS)
 
 env: $(STAMP) ## Print versions (torch, CUDA, NCCL, DeepSpeed, ...) and `accelerate env`
 	$(PY) -m train env

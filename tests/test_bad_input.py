@@ -1,35 +1,101 @@
-"""Bad input: a one-line error naming the value and what is allowed, exit code 2, and no
-process started (the launcher's "[launch]" line is printed only after every check passed)."""
+"""Bad input: one line naming the value and what is allowed, exit code 2, and no process started.
+
+Every refusal is held to what a user sees: the right exit code, no `Traceback` anywhere in the
+output, the last non-empty line names the bad value, nothing in an existing OUTPUT_DIR changed,
+and no process group started (the launcher's "[launch]" line comes only after every check).
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO, args_for, job_env, train
 
-
-def launch(*args, env=None, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd, env=job_env(env),
-                          capture_output=True, text=True, timeout=120)
+TINY_CHECKED = ["MODEL=llama-debug", "SEQ_LEN=32", "MICRO_BATCH=4", "DEVICE=cpu", "NPROC=2"]
 
 
-def assert_refused(p, *fragments):
-    assert p.returncode == 2, p.stdout + p.stderr
-    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1, p.stderr
+def launch(*args, env=None, cwd=REPO, prefix=()):
+    """`python -m train ARGS` in a new process: the end-to-end form of the contract."""
+    return subprocess.run([*prefix, sys.executable, "-m", "train", *args], cwd=cwd, env=job_env(env),
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture
+def launch_here(monkeypatch, capsys):
+    """The same `python -m train` entry point called in this process: a refusal costs no new
+    interpreter (torch, transformers and datasets are imported once), which keeps these tests fast.
+    Should a check wrongly pass, the launcher's exec of `accelerate launch` fails the test instead."""
+    from train.__main__ import main
+
+    def refuse_exec(*a, **k):
+        raise AssertionError("the launcher got past its checks and tried to start the job")
+
+    def run(*args, env=None, cwd=REPO, prefix=()):
+        assert not prefix, "a prefix needs a new process: use launch()"
+        with monkeypatch.context() as m:
+            m.setattr(os, "execvpe", refuse_exec)
+            m.chdir(cwd)
+            for k, v in job_env(env).items():
+                m.setenv(k, v)
+            capsys.readouterr()
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture
+def out_dir(tmp_path):
+    """An OUTPUT_DIR that already holds a run's files: a refusal must not touch them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events").write_text("x")
+    return out
+
+
+def assert_refused(p, *fragments, code=2, out=None, before=None):
+    """The user-facing contract of every refusal (see the module docstring)."""
+    text = p.stdout + p.stderr
+    assert p.returncode == code, text
+    assert "Traceback" not in text, text
+    last = [ln for ln in p.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith("error: "), text
     for f in fragments:
-        assert f in errors[0], errors[0]
-    assert "[launch]" not in p.stdout and "Traceback" not in p.stderr
+        assert f in last, last
+    assert "[launch]" not in p.stdout
+    if out is not None:
+        assert snapshot(out) == before
+
+
+def refused(run, out_dir, *args, fragments, env=None, cwd=REPO, prefix=()):
+    before = snapshot(out_dir)
+    p = run(*args, f"OUTPUT_DIR={out_dir}", env=env, cwd=cwd, prefix=prefix)
+    assert_refused(p, *fragments, out=out_dir, before=before)
+    return p
 
 
 @pytest.mark.parametrize("args, fragments", [
     (["STRATEGY=zero4"], ["unknown strategy 'zero4'", "allowed: ddp, zero1, zero2, zero3, zero3-offload, fsdp"]),
     (["PRECISION=fp8"], ["unknown precision 'fp8'", "allowed: no, bf16, fp16"]),
-    (["train.learning_rate=1"], ["unknown config key 'train.learning_rate'", "allowed: output_dir"]),
     (["DATASET=/nonexistent/corpus.txt"], ["data file '/nonexistent/corpus.txt' not found"]),
     (["MODEL=no-such-org/no-such-model"], ["model 'no-such-org/no-such-model' cannot be loaded", "preset"]),
     (["GLOBAL_BATCH=10", "MICRO_BATCH=4", "NPROC=2"], ["GLOBAL_BATCH=10 is not divisible", "4 x 2 = 8"]),
@@ -38,42 +104,177 @@ def assert_refused(p, *fragments):
     (["CONFIG=configs/runs/nope.yaml"], ["config file 'configs/runs/nope.yaml' not found"]),
     (["RESUME=/no/such/checkpoint"], ["RESUME='/no/such/checkpoint': no such checkpoint"]),
     (["ACCELERATE_CONFIG=/no/such.yaml"], ["ACCELERATE_CONFIG file '/no/such.yaml' not found"]),
+    # negative or zero sizes
+    (["MICRO_BATCH=0"], ["train.micro_batch=0 is too small; it must be >= 1"]),
+    (["SEQ_LEN=-1"], ["data.seq_len=-1 is too small"]),
+    (["MAX_STEPS=0"], ["train.max_steps=0 is too small"]),
+    (["LR=-0.1"], ["optim.lr=-0.1 must be > 0"]),
+    (["NPROC=-2"], ["launch.nproc_per_node=-2 is too small"]),
+    (["model.hidden_size=-64"], ["model.hidden_size=-64 is too small"]),
+    (["MASTER_PORT=70000"], ["MASTER_PORT=70000 is not a TCP port"]),
+    # settings only the model or the data can judge
+    (["model.attn_implementation=flash"], ["model.attn_implementation='flash'"]),
+    (["model.hidden_size=100", "model.num_heads=3"], ["model.hidden_size=100 is not divisible by model.num_heads=3"]),
+    (["MODEL=gpt2", "model.num_layers=2"], ["model.num_layers=2 resizes presets only"]),
+    (["data.text_field=body"], ["has no column 'body'; columns: ['text']"]),
+    (["TOKENIZER=/no/such/tokenizer"], ["tokenizer directory '/no/such/tokenizer' not found"]),
+    (["SEQ_LEN=4096", "MICRO_BATCH=64"], ["gives", "blocks of SEQ_LEN=4096 tokens", "needs"]),
 ])
-def test_bad_input_is_refused_before_any_process_starts(args, fragments, tmp_path):
-    assert_refused(launch(*args, f"OUTPUT_DIR={tmp_path}"), *fragments)
+def test_bad_input_is_refused_before_any_process_starts(args, fragments, out_dir, launch_here):
+    refused(launch_here, out_dir, *TINY_CHECKED, *args, fragments=fragments)
 
 
-def test_empty_data_file_is_refused(tmp_path):
+def test_unknown_key_suggests_close_matches_in_one_short_line(out_dir, launch_here):
+    p = refused(launch_here, out_dir, "optim.lrr=1", fragments=["unknown config key 'optim.lrr'", "did you mean optim.lr?",
+                                                  "make keys"])
+    assert len(p.stderr.strip().splitlines()[-1]) < 160
+    refused(launch_here, out_dir, "train.lr=1", fragments=["did you mean optim.lr?"])  # right key, wrong section
+
+
+def test_yaml_syntax_error_names_file_line_and_column(out_dir, tmp_path, launch_here):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  name: llama-debug\ntrain:\n  max_steps: [1, 2\n")
+    refused(launch_here, out_dir, f"CONFIG={broken}", fragments=[f"config file '{broken}': YAML syntax error at line 5, column 1",
+                                                   "started at line 4, column 14"])
+
+
+@pytest.mark.parametrize("name, content, fragments", [
+    ("c.jsonl", json.dumps({"content": "a story"}) + "\n", ["has no column 'text'; columns: ['content']", "data.text_field"]),
+    ("binary.txt", bytes(range(256)) * 8, ["cannot be loaded", "UnicodeDecodeError"]),
+    ("short.txt", "Once upon a time.\n", ["gives 0 blocks of SEQ_LEN=32 tokens", "needs 9"]),
+    ("blank.txt", "\n \n\t\n", ["has no text in column 'text'"]),
+    ("numbers.jsonl", json.dumps({"text": 5}) + "\n", ["column 'text' holds int values, not text"]),
+])
+def test_bad_data_is_found_in_a_sample_before_any_process_starts(name, content, fragments, out_dir, tmp_path, launch_here):
+    data = tmp_path / name
+    data.write_bytes(content) if isinstance(content, bytes) else data.write_text(content)
+    refused(launch_here, out_dir, *TINY_CHECKED, f"DATASET={data}", fragments=[f"'{data}'", *fragments])
+
+
+def test_directory_without_data_files_is_refused(out_dir, tmp_path, launch_here):
+    empty = tmp_path / "corpus"
+    empty.mkdir()
+    (empty / "README").write_text("not data")
+    refused(launch_here, out_dir, *TINY_CHECKED, f"DATASET={empty}", fragments=[f"data directory '{empty}' holds no non-empty"])
+
+
+def test_empty_data_file_is_refused(out_dir, tmp_path, launch_here):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert_refused(launch(f"DATASET={empty}", f"OUTPUT_DIR={tmp_path}"), f"data file '{empty}' is empty")
+    refused(launch_here, out_dir, *TINY_CHECKED, f"DATASET={empty}", fragments=[f"data file '{empty}' is empty"])
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root reads everything without setpriv")
+def test_unreadable_data_file_is_refused(out_dir, tmp_path):
+    data = tmp_path / "secret.txt"
+    data.write_text("Once upon a time.\n" * 100)
+    data.chmod(0)
+    # root ignores file modes; drop the capabilities that let it (CI runs as root)
+    prefix = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search") if os.geteuid() == 0 else ()
+    refused(launch, out_dir, *TINY_CHECKED, f"DATASET={data}", prefix=prefix,
+            fragments=[f"data file '{data}' cannot be read (Permission denied)"])
+
+
+def test_hub_dataset_that_cannot_be_reached_is_refused(out_dir, launch_here):
+    refused(launch_here, out_dir, *TINY_CHECKED, "DATASET=no-such-org/no-such-dataset",
+            fragments=["dataset 'no-such-org/no-such-dataset' cannot be loaded", "HF_TOKEN"])
+
+
+def test_gated_model_without_hf_token_says_so_offline(out_dir, tmp_path, launch_here):
+    """Offline, nothing can ask the hub whether a repo is gated: say that no token is set."""
+    env = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf")}
+    refused(launch_here, out_dir, *TINY_CHECKED, "MODEL=meta-llama/Llama-3.1-8B", env=env,
+            fragments=["model 'meta-llama/Llama-3.1-8B'", "HF_TOKEN is not set", "HF_HUB_OFFLINE"])
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_refused(out_dir, tmp_path, launch_here):
+    from transformers import LlamaConfig
+
+    model = tmp_path / "small-vocab-model"
+    LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                num_attention_heads=4).save_pretrained(model)
+    tokenizer = REPO / "train" / "assets" / "tokenizer"
+    refused(launch_here, out_dir, *TINY_CHECKED, f"MODEL={model}", f"TOKENIZER={tokenizer}",
+            fragments=[f"TOKENIZER='{tokenizer}' has", f"has a vocabulary of 100"])
+
+
+def test_port_in_use_is_refused(out_dir, launch_here):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        refused(launch_here, out_dir, *TINY_CHECKED, f"MASTER_PORT={port}", fragments=[f"MASTER_PORT={port} is already in use"])
 
 
 def test_bad_value_in_dotenv_is_named(tmp_path):
     (tmp_path / ".env").write_text("MAX_STEPS=lots\n")
-    p = subprocess.run([sys.executable, "-m", "train", "config"], cwd=tmp_path, env=job_env(),
-                       capture_output=True, text=True, timeout=60)
+    p = launch(cwd=tmp_path)
     assert_refused(p, "train.max_steps='lots' must be an integer", "(from .env MAX_STEPS)")
 
 
+def test_unsupported_accelerate_config_is_refused_naming_the_key(out_dir, tmp_path, launch_here):
+    f = tmp_path / "acc.yaml"
+    f.write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 2\n  offload_optimizer_device: cpu\n")
+    refused(launch_here, out_dir, *TINY_CHECKED, f"ACCELERATE_CONFIG={f}", fragments=[f"ACCELERATE_CONFIG '{f}'", "offload", "stage 2"])
+    f.write_text("distributed_type: FSDP\nnum_processes: 2\n")
+    refused(launch_here, out_dir, *TINY_CHECKED, f"ACCELERATE_CONFIG={f}", "STRATEGY=zero2",
+            fragments=["selects strategy 'fsdp' but STRATEGY=zero2"])
+
+
 @pytest.mark.slow
-def test_output_dir_of_a_different_run_is_refused_and_left_intact(tmp_path):
-    train(tmp_path, MAX_STEPS=2, CHECKPOINT_EVERY=2, **{"checkpoint.export": "false"})
-    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    p = launch(*args_for(tmp_path, SEQ_LEN=64))
-    assert_refused(p, "is from a different run", "seq_len: checkpoint has 32, this run has 64")
-    p = launch(*args_for(tmp_path, MODEL="llama-tiny"))
-    assert_refused(p, "model: checkpoint has 'llama-debug', this run has 'llama-tiny'")
-    p = launch(*args_for(tmp_path, RESUME="never"))
-    assert_refused(p, "already holds checkpoints", "RESUME=auto")
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+def test_output_dir_of_a_different_run_is_refused_and_left_intact(tmp_path, launch_here):
+    out = tmp_path / "run"
+    train(out, MAX_STEPS=2, CHECKPOINT_EVERY=2, **{"checkpoint.export": "false"})
+    before = snapshot(out)
+    p = launch_here(*args_for(out, SEQ_LEN=64))
+    assert_refused(p, "is from a different run", "seq_len: checkpoint has 32, this run has 64", out=out, before=before)
+    p = launch_here(*args_for(out, MODEL="llama-tiny"))
+    assert_refused(p, "model: checkpoint has 'llama-debug', this run has 'llama-tiny'", out=out, before=before)
+    p = launch_here(*args_for(out, RESUME="never"))
+    assert_refused(p, "already holds checkpoints", "RESUME=auto", out=out, before=before)
+    # ddp resumes on another world size, but not in the middle of a global batch it no longer has
+    p = launch_here(*args_for(out, NPROC=3, MAX_STEPS=4))
+    assert_refused(p, "global batch of 8 (2 ranks)", "this run's global batch is 12 (3 ranks)", out=out, before=before)
+    # the same run again: it is finished, and says how to go on instead of training nothing
+    p = launch_here(*args_for(out, MAX_STEPS=2, **{"checkpoint.export": "false"}))
+    assert p.returncode == 0 and "Traceback" not in p.stdout + p.stderr
+    last = p.stdout.strip().splitlines()[-1]
+    assert "nothing to train" in last and "MAX_STEPS" in last and "OUTPUT_DIR" in last
+    assert snapshot(out) == before
 
 
-def test_checkpoint_manifest_is_what_resume_checks(tmp_path):
+def test_checkpoint_manifest_is_what_resume_checks(tmp_path, launch_here):
     """A hand-edited/corrupt manifest is reported, not a traceback."""
     ck = tmp_path / "checkpoints" / "step_00000002"
     ck.mkdir(parents=True)
     (ck / "manifest.json").write_text("{not json")
-    assert_refused(launch(f"OUTPUT_DIR={tmp_path}", "MODEL=llama-debug"), "unreadable manifest")
+    refused(launch_here, tmp_path, *TINY_CHECKED, fragments=["unreadable manifest"])
     (ck / "manifest.json").write_text(json.dumps({"fingerprint": {}}))
-    assert_refused(launch(f"OUTPUT_DIR={tmp_path}", "MODEL=llama-debug"), "is from a different run")
+    refused(launch_here, tmp_path, *TINY_CHECKED, fragments=["is from a different run"])
+
+
+def test_the_issue_examples_end_to_end_in_a_new_process(out_dir, tmp_path):
+    """The same contract through a real `python -m train` process, for the two reported cases."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  max_steps: [1, 2\n")
+    refused(launch, out_dir, f"CONFIG={broken}", fragments=[f"config file '{broken}': YAML syntax error at line 3"])
+    data = tmp_path / "c.jsonl"
+    data.write_text(json.dumps({"content": "a story"}) + "\n")
+    refused(launch, out_dir, *TINY_CHECKED, f"DATASET={data}", fragments=["has no column 'text'; columns: ['content']"])
+
+
+@pytest.mark.slow
+def test_the_file_accelerate_config_default_writes_trains(tmp_path):
+    """`accelerate config default` on CPU writes distributed_type NO, use_cpu, num_processes 1:
+    it runs as the checked ddp recipe with that one process, and says so."""
+    acc = tmp_path / "default_config.yaml"
+    subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "config", "default",
+                    "--config_file", str(acc)], check=True, capture_output=True, timeout=120)
+    args = [a for a in args_for(tmp_path / "run", MAX_STEPS=2, **{"checkpoint.export": "false"})
+            if not a.startswith(("NPROC=", "DEVICE="))]
+    p = subprocess.run([sys.executable, "-m", "train", *args, f"ACCELERATE_CONFIG={acc}"], cwd=REPO, env=job_env(),
+                       capture_output=True, text=True, timeout=420)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"[config] ACCELERATE_CONFIG {acc} runs as the checked recipe: STRATEGY=ddp" in p.stdout
+    assert "NPROC=1" in p.stdout and "world size 1" in p.stdout
+    assert "engaged as MULTI_CPU world_size=1" in p.stdout

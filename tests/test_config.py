@@ -81,10 +81,119 @@ def test_global_batch_fixes_the_samples_per_step_and_derives_accumulation():
 
 
 def test_secrets_are_redacted_in_the_printed_config():
-    cfg = load(["MODEL=llama-debug"])
+    cfg = load(["MODEL=llama-debug", "TOKENIZER=org/tok", "DATASET=https://user:pa55@host/x.jsonl",
+                "data.cache_dir=/c/hf_abcdefghijklmnopqrstuvwxyz0123"])
     text = dump_yaml(cfg)
-    assert "llama-debug" in text
-    assert "***" not in text  # nothing secret in the config today; HF_TOKEN is read from env only
+    assert "llama-debug" in text and "tokenizer: org/tok" in text  # settings are kept, even named like secrets
+    assert "pa55" not in text and "https://***@host/x.jsonl" in text
+    assert "hf_abcdefghijklmnopqrstuvwxyz0123" not in text and "/c/***" in text
+
+
+def test_unknown_keys_get_close_matches_and_a_pointer_to_make_keys_not_the_whole_list():
+    with pytest.raises(ConfigError) as e:
+        load(["optim.lrr=1"])
+    assert str(e.value) == "unknown config key 'optim.lrr' (from command line); did you mean optim.lr? `make keys` lists every key"
+    with pytest.raises(ConfigError, match="did you mean optim.weight_decay"):
+        load(["train.weight_decay=0"])
+    with pytest.raises(ConfigError, match="did you mean MAX_STEPS"):
+        load(["MAX_STEP=3"])
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    run = tmp_path / "r.yaml"
+    run.write_text("train:\n  max_steps: 5\n  micro_batch 4\n  x: 1\n")
+    with pytest.raises(ConfigError, match=r"config file '.*r.yaml': YAML syntax error at line 4, column 3: could not find expected ':' \(while scanning a simple key started at line 3, column 3\)"):
+        load(env={"CONFIG": str(run)})
+
+
+def test_resume_accepts_the_short_checkpoint_name(tmp_path):
+    ck = tmp_path / "checkpoints" / "step_00000050"
+    ck.mkdir(parents=True)
+    assert load([f"RESUME={tmp_path}/checkpoints/step_50"]).checkpoint.resume == str(ck)
+    assert load([f"RESUME={ck}"]).checkpoint.resume == str(ck)
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        load([f"RESUME={tmp_path}/checkpoints/step_60"])
+
+
+def test_preset_size_overrides_build_another_size_and_change_the_fingerprint():
+    from train.model import model_config
+
+    cfg = load(["MODEL=llama-tiny", "model.hidden_size=128", "model.num_layers=3", "model.num_heads=2"])
+    conf = model_config(cfg.model, 640)
+    assert (conf.hidden_size, conf.num_hidden_layers, conf.num_attention_heads, conf.num_key_value_heads) == (128, 3, 2, 2)
+    assert conf.intermediate_size == 688  # not overridden: the preset's
+    assert cfg.fingerprint()["model"] == "llama-tiny(hidden_size=128, num_layers=3, num_heads=2)"
+    assert load(["MODEL=llama-tiny"]).fingerprint()["model"] == "llama-tiny"  # old checkpoints still match
+
+
+# -- a user's own `accelerate config` file -------------------------------------------------------
+ACCELERATE_FILES = {
+    "multi_gpu.yaml": "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
+                      "num_processes: 4\nmixed_precision: bf16\ngpu_ids: all\nuse_cpu: false\n",
+    "deepspeed.yaml": "distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: ds.json\n"
+                      "  zero3_init_flag: true\nnum_machines: 2\nnum_processes: 16\nmain_process_ip: 10.0.0.1\n"
+                      "main_process_port: 29555\nmixed_precision: bf16\n",
+    "fsdp.yaml": "distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n  fsdp_offload_params: false\n"
+                 "num_processes: 2\nmixed_precision: 'no'\n",
+}
+
+
+@pytest.fixture(scope="module")
+def accelerate_files(tmp_path_factory):
+    import json
+    import subprocess
+    import sys
+
+    tmp_path = tmp_path_factory.mktemp("accelerate")
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": "auto"}))
+    for name, text in ACCELERATE_FILES.items():
+        (tmp_path / name).write_text(text)
+    subprocess.run([sys.executable, "-m", "accelerate.commands.accelerate_cli", "config", "default",
+                    "--config_file", str(tmp_path / "default.yaml")], check=True, capture_output=True, timeout=120)
+    return tmp_path
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("default.yaml", dict(strategy="ddp", nproc_per_node=1, device="cpu", precision="no")),
+    ("multi_gpu.yaml", dict(strategy="ddp", nproc_per_node=4, device="auto", precision="bf16")),
+    ("deepspeed.yaml", dict(strategy="zero2", nproc_per_node=8, nnodes=2, master_addr="10.0.0.1", master_port=29555)),
+    ("fsdp.yaml", dict(strategy="fsdp", nproc_per_node=2)),
+])
+def test_an_accelerate_config_file_runs_as_the_matching_checked_recipe(accelerate_files, name, expected):
+    from train.config import notes
+
+    cfg = load([f"ACCELERATE_CONFIG={accelerate_files / name}"])
+    got = {k: getattr(cfg.train if k == "precision" else cfg.launch, k) for k in expected}
+    assert got == expected
+    assert cfg.launch.accelerate_config == ""  # consumed: launcher and workers run the strategy row
+    assert notes(cfg)[0].startswith(f"ACCELERATE_CONFIG {accelerate_files / name} runs as the checked recipe: "
+                                    f"STRATEGY={expected['strategy']}")
+
+
+def test_settings_given_for_this_run_win_over_the_accelerate_file_with_a_notice(accelerate_files):
+    from train.config import notes
+
+    cfg = load([f"ACCELERATE_CONFIG={accelerate_files / 'multi_gpu.yaml'}", "NPROC=2"], env={"PRECISION": "no"})
+    assert (cfg.launch.nproc_per_node, cfg.train.precision) == (2, "no")
+    assert "NPROC=2 (command line NPROC) wins over launch.nproc_per_node = 4 from ACCELERATE_CONFIG" in "\n".join(notes(cfg))
+    assert "PRECISION=no (environment PRECISION) wins over train.precision = 'bf16'" in "\n".join(notes(cfg))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("distributed_type: MEGATRON_LM\n", "distributed_type='MEGATRON_LM' is not supported; allowed: NO, MULTI_CPU"),
+    ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 0\n", "zero_stage/stage=0 is not runnable here"),
+    ("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n  offload_param_device: nvme\n",
+     "offload_param_device='nvme' is not supported"),
+    ("distributed_type: FSDP\nfsdp_config:\n  fsdp_sharding_strategy: NO_SHARD\n", "fsdp_sharding_strategy='NO_SHARD'"),
+    ("distributed_type: MULTI_GPU\nmixed_precision: fp8\n", "mixed_precision='fp8' is not supported"),
+    ("distributed_type: MULTI_GPU\nnum_machines: 2\nnum_processes: 3\n", "num_processes=3 is not a multiple of num_machines=2"),
+])
+def test_an_accelerate_config_no_recipe_runs_is_refused_naming_the_key(tmp_path, text, message):
+    f = tmp_path / "acc.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load([f"ACCELERATE_CONFIG={f}"])
+    assert message in str(e.value) and str(e.value).startswith(f"ACCELERATE_CONFIG '{f}': ")
 
 
 def test_every_short_name_maps_to_a_real_key():
@@ -187,3 +296,34 @@ def test_make_passes_command_line_settings_and_keeps_dotenv(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "max_steps: 9" in out.stdout  # from .env
     assert "seed: 6" in out.stdout  # the make command line wins over .env
+
+
+def test_makefile_picks_the_cpu_torch_build_unless_an_nvidia_gpu_answers(tmp_path):
+    import subprocess
+
+    def torch_install_line(path_prefix: str = "", *extra: str) -> str:
+        env = {**os.environ, "PATH": f"{path_prefix}{os.environ['PATH']}"}
+        out = subprocess.run(["make", "-n", "-f", str(REPO / "Makefile"), "venv", f"VENV={tmp_path / 'venv'}", *extra],
+                             cwd=REPO, capture_output=True, text=True, timeout=60, env=env).stdout
+        return next(ln for ln in out.splitlines() if "pip install" in ln and " torch" in ln)
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"  # a host whose driver answers `nvidia-smi -L`
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100'\n")
+    fake.chmod(0o755)
+    no_gpu = tmp_path / "nogpu"
+    no_gpu.mkdir()
+    (no_gpu / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")
+    (no_gpu / "nvidia-smi").chmod(0o755)
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in torch_install_line(f"{no_gpu}:")
+    assert "--extra-index-url" not in torch_install_line(f"{bin_dir}:")  # PyPI's torch is the CUDA build
+    assert "whl/cu128" in torch_install_line(f"{no_gpu}:", "TORCH_INDEX=https://download.pytorch.org/whl/cu128")
+
+
+def test_a_dotenv_name_close_to_a_setting_gets_a_notice(tmp_path):
+    from train.config import notes
+
+    (tmp_path / ".env").write_text("STRATEGYY=zero2\nHF_TOKEN=x\nNCCL_DEBUG=INFO\n")
+    cfg = load(dotenv=str(tmp_path / ".env"))
+    assert notes(cfg) == [".env sets STRATEGYY, which is no setting (did you mean STRATEGY?); it is ignored"]

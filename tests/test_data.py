@@ -110,3 +110,53 @@ def test_resume_cursor_continues_the_same_sequence_on_another_world_size():
     assert _steps(world=4, accum=1, micro=2, start=3 * 8) == full[3:]
     with pytest.raises(ValueError):
         GlobalCursorSampler(96, 8, seed=5).set_position(0, 5)
+
+
+def _accepted(check, *args) -> bool:
+    try:
+        check(*args)
+        return True
+    except ConfigError:
+        return False
+
+
+def test_the_launchers_sample_check_accepts_exactly_what_the_workers_can_train_on(tmp_path, tokenizer):
+    """check_sample (launcher, streamed, no Arrow cache) and build_splits + the sampler (workers)
+    agree on the boundary: the launcher refuses precisely the datasets a worker would fail on."""
+    from train.data import check_sample
+
+    global_batch, verdicts = 8, set()
+    for n_docs in range(4, 40, 3):
+        path = tmp_path / f"d{n_docs}.txt"
+        path.write_text("\n".join(f"doc {i}: the cat sat on the mat and looked at a bird." for i in range(n_docs)))
+        cfg = DataConfig(dataset=str(path), seq_len=32, eval_fraction=0.1)
+        launcher = _accepted(check_sample, cfg, tokenizer, global_batch)
+
+        def workers():
+            splits = build_splits(cfg, tokenizer, seed=0)
+            GlobalCursorSampler(len(splits.train), global_batch, seed=0)
+
+        assert launcher == _accepted(workers), n_docs
+        verdicts.add(launcher)
+    assert verdicts == {True, False}  # the range crosses the boundary
+
+
+def test_sample_check_reads_at_most_max_rows_and_leaves_larger_datasets_to_the_workers(tmp_path, tokenizer):
+    """Reading to the end of a hub-sized dataset would cost what the workers pay once: the
+    launcher judges "too little data" only for a dataset that ends within its sample."""
+    from train.data import check_sample
+
+    path = tmp_path / "big.txt"
+    path.write_text("\n".join(f"line {i} of a long corpus." for i in range(6_000)))
+    cfg = DataConfig(dataset=str(path), seq_len=32)
+    check_sample(cfg, tokenizer, global_batch=100_000, max_rows=2_000)  # not read to the end: no verdict
+    with pytest.raises(ConfigError, match="needs"):
+        check_sample(cfg, tokenizer, global_batch=100_000, max_rows=10_000)  # read to the end: too little
+
+
+def test_data_cache_dir_is_where_datasets_caches(tmp_path, tokenizer):
+    path = tmp_path / "d.txt"
+    path.write_text("\n".join(f"doc {i} text" for i in range(100)))
+    cache = tmp_path / "cache"
+    load_text(DataConfig(dataset=str(path), cache_dir=str(cache)))
+    assert any(cache.rglob("*.arrow"))

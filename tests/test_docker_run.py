@@ -215,6 +215,25 @@ def test_image_metadata_records_versions_and_runs_non_root(docker, image, report
     assert cfg["Size"] < 2.5e9, f"CPU image is {cfg['Size'] / 1e9:.2f} GB"
 
 
+def test_model_compile_trains_in_the_image(docker, image, report):
+    """model.compile=true inside the image: Inductor compiles C++ kernels on CPU, which needs the
+    compiler and Python headers the runtime stage installs (the CUDA flavour needs the same for
+    Triton's launcher). One process, one step of llama-debug, no eval (each eval graph would be
+    one more compile: ~4-6 min on 2 busy cores as it is); Inductor's cache must hold kernels."""
+    script = ("python -m train launch MODEL=llama-debug SEQ_LEN=32 MICRO_BATCH=2 NPROC=1 DEVICE=cpu MAX_STEPS=1 "
+              "LOG_EVERY=1 CHECKPOINT_EVERY=0 RESUME=never OUTPUT_DIR=/tmp/run model.compile=true "
+              "checkpoint.export=false train.eval_every=0 train.eval_batches=0 log.tensorboard=false log.progress=false "
+              "&& find /tmp/inductor -name '*.so' | wc -l")
+    t0 = time.monotonic()
+    p = sh([docker, "run", "--rm", "--network", "none", "-e", "TORCHINDUCTOR_CACHE_DIR=/tmp/inductor",
+            "--entrypoint", "bash", image, "-c", script], RUN_TIMEOUT, check=False)
+    report(f"model.compile=true, 1 step in the CPU image took {time.monotonic() - t0:.0f} s, exit {p.returncode}")
+    assert p.returncode == 0, f"compiled run failed:\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
+    assert "step=1 loss=" in p.stdout + p.stderr
+    kernels = int(p.stdout.strip().splitlines()[-1])
+    assert kernels > 0, "Inductor built no C++ kernels: the model was not compiled"
+
+
 def test_cuda_flavour_labels_with_a_stand_in_base(docker, local_base):
     """The CUDA base cannot be pulled here; stand the local base in for it and build the label
     stage, so the labels the CUDA image will carry come from the real build args."""

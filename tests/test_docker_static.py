@@ -3,9 +3,9 @@
 - hadolint on every Dockerfile: no findings (each ignored rule is justified in the file).
 - Every compose file combination validated by Docker Compose v2 (`config`, which rejects
   unknown keys), and the properties that matter on a GPU workstation checked on the result.
-- The CUDA flavour, which cannot be built here: its build args, labels and arch list, and the
-  rule that it differs from the CPU flavour (built for real in test_docker_run.py) only in the
-  base images and the op prebuild.
+- The CUDA flavour, which cannot be built here: its build args, labels and arch list, its
+  bases' Python, and the rule that it differs from the CPU flavour (built for real in
+  test_docker_run.py) only in the base images and the DeepSpeed op build.
 - Consistency: every strategy the Makefile, compose, .env.example and k8s/ name has its config
   under configs/, and every config names a strategy; image names/tags agree across them.
 """
@@ -179,7 +179,7 @@ def test_cuda_torch_index_and_nccl_package_match_the_cuda_version():
     assert args["CPU_TORCH_INDEX_URL"].rstrip("/").endswith("/cpu")
 
 
-def test_flavours_differ_only_in_bases_and_the_op_prebuild():
+def test_flavours_differ_only_in_bases_and_the_op_build():
     _, stages = parse()
     flavoured = {n for n in stages if re.search(r"-(cpu|cuda)$", n)}
     assert flavoured == {f"{s}-{f}" for s in ("build-base", "runtime-base", "ops") for f in ("cpu", "cuda")}
@@ -187,29 +187,35 @@ def test_flavours_differ_only_in_bases_and_the_op_prebuild():
     for name in flavoured - {"ops-cpu", "ops-cuda"}:
         kinds = {w for w, _ in stages[name]["body"]}
         assert kinds <= {"ARG", "ENV", "LABEL"}, f"{name} does work ({kinds}); move it to a shared stage"
-    assert [w for w, _ in stages["ops-cpu"]["body"]] == []
     assert stages["ops-cpu"]["from"] == stages["ops-cuda"]["from"] == "deps"
     # Every shared stage is reached through ${FLAVOUR} or a shared stage, never a flavour by name.
     shared = {n: s["from"] for n, s in stages.items() if n not in flavoured}
-    assert shared == {"deps": "build-base-${FLAVOUR}", "warm": "ops-${FLAVOUR}",
+    assert shared == {"deps": "build-base-${FLAVOUR}", "ops": "ops-${FLAVOUR}",
                       "runtime": "runtime-base-${FLAVOUR}"}
+    assert [w for w, _ in stages["ops"]["body"]] == [], "ops only picks the flavour's op stage"
 
 
-def test_cuda_op_prebuild_compiles_fused_adam_and_cpu_adam_for_the_arch_list():
-    run = " ".join(r for w, r in parse()[1]["ops-cuda"]["body"] if w == "RUN")
-    for flag in ("DS_BUILD_FUSED_ADAM=1", "DS_BUILD_CPU_ADAM=1", "DS_ACCELERATOR=cuda",
-                 'TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}"', "--no-build-isolation"):
-        assert flag in run, f"ops-cuda must build with {flag}"
+def test_each_flavour_builds_only_the_deepspeed_ops_its_runs_load():
+    """GPU runs load CPU Adam (zero3-offload) and nothing JIT-built; no strategy uses DeepSpeed's
+    fused Adam (accelerate hands DeepSpeed torch's AdamW). CPU runs load the CPU accelerator's
+    JIT ops (CPU Adam, shm comm), warmed into the image."""
+    stages = parse()[1]
+    cuda = " ".join(r for w, r in stages["ops-cuda"]["body"] if w == "RUN")
+    for flag in ("DS_BUILD_OPS=0", "DS_BUILD_CPU_ADAM=1", "DS_ACCELERATOR=cuda", "--no-build-isolation"):
+        assert flag in cuda, f"ops-cuda must build with {flag}"
+    assert "FUSED_ADAM" not in cuda and "warm_ops" not in cuda, "ops-cuda builds what GPU runs never load"
     # ...and checks what it built, and the NCCL torch loads.
-    assert "installed_ops" in run and "torch.cuda.nccl.version()" in run and "pip check" in run
+    assert "installed_ops" in cuda and "torch.cuda.nccl.version()" in cuda and "pip check" in cuda
+    cpu = " ".join(r for w, r in stages["ops-cpu"]["body"] if w == "RUN")
+    assert "warm_ops()" in cpu and "DS_BUILD" not in cpu
 
 
-def test_warm_stage_copies_everything_the_warm_step_imports(tmp_path):
-    """The warm stage copies only train/__init__.py and train/envinfo.py so the op build stays
+def test_cpu_op_stage_copies_everything_the_warm_step_imports(tmp_path):
+    """ops-cpu copies only train/__init__.py and train/envinfo.py so the op build stays
     cached across code changes; this fails if warm_ops starts to need more of the package."""
     import ast
 
-    body = parse()[1]["warm"]["body"]
+    body = parse()[1]["ops-cpu"]["body"]
     copies = [r.split() for w, r in body if w == "COPY"]
     assert len(copies) == 1
     files = copies[0][:-1]
@@ -223,7 +229,7 @@ def test_warm_stage_copies_everything_the_warm_step_imports(tmp_path):
     warm = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "warm_ops")
     in_warm = [n for n in ast.walk(warm) if isinstance(n, ast.ImportFrom) and (n.level or n.module == "train")]
     top_level = [n for n in relative if n in tree.body]
-    assert not in_warm and not top_level, "warm_ops imports more of train/: add it to the warm stage's COPY"
+    assert not in_warm and not top_level, "warm_ops imports more of train/: add it to the ops-cpu stage's COPY"
     for f in files:
         assert (REPO / f).is_file(), f
     # And the copied files import on their own.
@@ -234,6 +240,38 @@ def test_warm_stage_copies_everything_the_warm_step_imports(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert p.returncode == 0, p.stderr
+
+
+# Python 3 that each base's release ships (python3 from its own archive); tests/test_pins.py
+# checks every pin has a wheel for each of these.
+BASE_PYTHONS = {"ubuntu22.04": "3.10", "ubuntu24.04": "3.12", "debian:12": "3.11"}
+
+
+def image_pythons() -> dict[str, str]:
+    """{base image: its Python} for the CUDA and CPU flavours' default bases."""
+    args, _ = parse()
+    out = {}
+    for name in ("CUDA_DEVEL_IMAGE", "CUDA_RUNTIME_IMAGE", "CPU_IMAGE"):
+        image = expand(args[name], args)
+        found = [py for key, py in BASE_PYTHONS.items() if key in image]
+        assert len(found) == 1, f"{image}: which Python does this base ship? add it to BASE_PYTHONS"
+        out[image] = found[0]
+    return out
+
+
+def test_every_base_ships_a_python_the_pins_support():
+    """Ubuntu 22.04's Python 3.10 has no wheels for numpy 2.4, transformers 5, pandas 3, ...:
+    the CUDA flavour builds on 24.04 (3.12); the CPU flavour's Debian 12 has 3.11."""
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    minimum = tuple(int(x) for x in re.fullmatch(r">=\s*(\d+\.\d+)", requires).group(1).split("."))
+    for image, py in image_pythons().items():
+        assert tuple(int(x) for x in py.split(".")) >= minimum, f"{image} ships Python {py}, the package needs {requires}"
+
+
+def test_runtime_user_replaces_ubuntu_2404s_uid_1000_user():
+    run = " ".join(r for w, r in parse()[1]["runtime"]["body"] if w == "RUN")
+    assert "userdel" in run and run.index("userdel") < run.index("useradd"), (
+        "Ubuntu 24.04 images ship user `ubuntu` with uid/gid 1000: remove it before creating ours")
 
 
 def test_image_labels_record_versions_in_both_flavours():
@@ -256,9 +294,11 @@ def test_runtime_runs_the_package_as_non_root_with_volumes():
     assert {"/outputs", "/cache/huggingface"} <= set(json.loads(last["VOLUME"]))
     env = " ".join(r for w, r in body if w == "ENV")
     assert "HF_HOME=/cache/huggingface" in env and "TORCH_EXTENSIONS_DIR=/opt/torch_extensions" in env
-    # The compilers stay in the build stages.
+    # A compiler and Python's headers for model.compile (Inductor's C++ on CPU, Triton's
+    # launcher on CUDA); DeepSpeed's ops are built in the build stages, never here.
     run = " ".join(r for w, r in body if w == "RUN")
-    assert "g++" not in run and "python3-dev" not in run
+    assert "g++" in run and "python3-dev" in run
+    assert "deepspeed" not in run.lower() and "warm_ops" not in run
 
 
 def test_no_secrets_in_any_layer():
@@ -343,8 +383,10 @@ def test_compose_config_accepts_every_combination(files):
     assert {"trainer", "tensorboard"} <= cfg["services"].keys()
     trainer = cfg["services"]["trainer"]
     assert trainer["command"] == ["launch"]
-    # .env reaches the package in the container: the same names, the same values.
-    assert trainer["environment"]["STRATEGY"] == "ddp"
+    # .env reaches the package in the container: the same names, the same values. Its run
+    # settings ship commented out, so the run file decides them.
+    assert trainer["environment"]["NCCL_DEBUG"] == "WARN"
+    assert "STRATEGY" not in trainer["environment"]
     assert trainer["environment"]["OUTPUT_DIR"].startswith("/outputs/")
     mounts = {v["target"]: v for v in trainer["volumes"]}
     assert mounts["/outputs"]["type"] == mounts["/cache/huggingface"]["type"] == "volume"
@@ -418,10 +460,12 @@ def test_env_example_names_only_known_settings():
     assert not unknown, f".env.example sets {unknown}: not in train/config.py ENV_VARS nor used by compose/"
 
 
-def test_env_example_is_a_valid_run_configuration():
-    """The package reads the same file with python-dotenv and accepts it as shipped."""
-    cfg = load_config([], env={}, dotenv_path=str(ENV_EXAMPLE))
-    assert cfg.launch.strategy == env_example()["STRATEGY"]
+def test_env_example_is_a_valid_run_configuration_that_overrides_no_run_file():
+    """The package reads the same file with python-dotenv and accepts it as shipped; a copied
+    .env.example leaves each run file's settings alone (llama-8b.yaml's strategy is not ddp)."""
+    llama = REPO / "configs" / "runs" / "llama-8b.yaml"
+    cfg = load_config([], env={"CONFIG": str(llama)}, dotenv_path=str(ENV_EXAMPLE))
+    assert cfg.to_dict() == load_config([], env={"CONFIG": str(llama)}, dotenv_path=None).to_dict()
 
 
 # -- consistency: strategies named anywhere <-> configs/ ------------------------------------------

@@ -7,6 +7,7 @@ way `python -m train launch` does it (load_config on the same env), so the tests
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -23,8 +24,21 @@ def resolve(env: dict[str, str]) -> NodeSpec:
 
 
 # -- our own contract -------------------------------------------------------------------------
+def any_port(spec: NodeSpec) -> NodeSpec:
+    """A single node picks a free port (test_single_node_gets_a_free_port...): compare the rest."""
+    return dataclasses.replace(spec, master_port=0)
+
+
 def test_no_env_is_one_local_node():
-    assert resolve({}) == NodeSpec(1, 0, "127.0.0.1", 29500, 0, "config")
+    assert any_port(resolve({})) == NodeSpec(1, 0, "127.0.0.1", 0, 0, "config")
+
+
+def test_single_node_gets_a_free_port_unless_master_port_is_set():
+    """Two runs on one host must not both take 29500; nodes of a multi-node job must agree on one."""
+    ports = {resolve({}).master_port for _ in range(3)}
+    assert 29500 not in ports and len(ports) > 1
+    assert resolve({"MASTER_PORT": "29500"}).master_port == 29500
+    assert resolve({"NNODES": "2", "NODE_RANK": "0"}).master_port == 29500  # every node must agree on it
 
 
 def test_explicit_env_is_used_as_is():
@@ -91,7 +105,7 @@ def test_newer_pytorchjob_prefers_pet_over_process_world_size():
 def test_process_level_rank_inside_a_worker_is_not_a_node_rank():
     # With LOCAL_RANK set, RANK/WORLD_SIZE are a launched worker's process ranks.
     env = {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "5"}
-    assert resolve(env) == NodeSpec(1, 0, "127.0.0.1", 29500, 0, "config")
+    assert any_port(resolve(env)) == NodeSpec(1, 0, "127.0.0.1", 0, 0, "config")
 
 
 def test_pytorchjob_master_pod():
@@ -111,7 +125,7 @@ def test_indexed_job_pod_zero_is_master():
 
 
 def test_single_pod_indexed_job():
-    assert resolve({"JOB_COMPLETION_INDEX": "0"}) == NodeSpec(1, 0, "127.0.0.1", 29500, 0, "indexed-job")
+    assert any_port(resolve({"JOB_COMPLETION_INDEX": "0"})) == NodeSpec(1, 0, "127.0.0.1", 0, 0, "indexed-job")
 
 
 def test_pet_beats_pytorchjob_beats_indexed_job():

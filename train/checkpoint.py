@@ -24,6 +24,7 @@ import torch
 
 from . import failpoints
 from .config import ConfigError, RunConfig
+from .distributed import wait_for_export
 from .model import param_count
 
 MANIFEST = "manifest.json"
@@ -248,7 +249,7 @@ def export_final(accelerator, model, tokenizer, out_dir: Path, config_yaml: str)
     """
     state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
+        wait_for_export(accelerator)
         return None
     tmp = out_dir.with_name(f"{TMP_PREFIX}{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -266,7 +267,7 @@ def export_final(accelerator, model, tokenizer, out_dir: Path, config_yaml: str)
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    wait_for_export(accelerator)
     return out_dir
 
 

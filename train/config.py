@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import difflib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,11 @@ class ModelConfig:
     tokenizer: str = setting("", "hub id or directory; empty = the model's own (or the built-in one for presets)", env="TOKENIZER")
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
+    # Size overrides for a preset (0 = the preset's value): from-scratch models of any size.
+    hidden_size: int = setting(0, "presets only: hidden size (0 = the preset's)")
+    num_layers: int = setting(0, "presets only: transformer layers (0 = the preset's)")
+    num_heads: int = setting(0, "presets only: attention heads, must divide hidden_size (0 = the preset's)")
+    intermediate_size: int = setting(0, "presets only: MLP width (0 = the preset's)")
     activation_checkpointing: bool = False
     compile: bool = False
 
@@ -67,7 +74,7 @@ class DataConfig:
     seq_len: int = setting(128, env="SEQ_LEN")
     eval_fraction: float = 0.05
     num_workers: int = 0
-    cache_dir: str = setting("", "where tokenized data is cached; empty = OUTPUT_DIR/../.cache/data")
+    cache_dir: str = setting("", "where `datasets` caches loaded and tokenized data; empty = its default (HF_HOME/datasets)")
 
 
 @dataclass
@@ -86,6 +93,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     precision: Literal["no", "bf16", "fp16"] = setting("no", env="PRECISION")
+    tf32: bool = setting(True, "CUDA: TF32 tensor cores for fp32 matmuls/convolutions (PRECISION=no runs ~8x faster; MFU uses the TF32 peak). false = true IEEE fp32")
     micro_batch: int = setting(8, "sequences per rank per forward pass", env="MICRO_BATCH")
     grad_accum: int = setting(1, env="GRAD_ACCUM")
     global_batch: int = setting(0, "sequences per optimizer step; 0 = micro_batch x grad_accum x world size. If set, grad_accum is derived from it", env="GLOBAL_BATCH")
@@ -100,6 +108,7 @@ class CheckpointConfig:
     keep: int = setting(2, "complete checkpoints to keep", env="KEEP_CHECKPOINTS")
     resume: str = setting("auto", "auto (newest complete checkpoint, if any) | never (refuse if any exist) | PATH", env="RESUME")
     export: bool = setting(True, "write OUTPUT_DIR/final (safetensors + config + tokenizer) at the end")
+    export_timeout_s: int = setting(3600, "how long the other ranks wait while rank 0 writes the final export (its own bound: DIST_TIMEOUT is for collectives)")
 
 
 @dataclass
@@ -128,7 +137,7 @@ class RunConfig:
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must agree with to be resumed: changing any of it changes the run."""
         return {
-            "model": self.model.name,
+            "model": model_id(self.model),
             "seq_len": self.data.seq_len,
             "dataset": self.data.dataset,
             "seed": self.seed,
@@ -140,6 +149,15 @@ class RunConfig:
 
     def redacted(self) -> dict[str, Any]:
         return _redact(self.to_dict())
+
+
+SIZE_KEYS = ("hidden_size", "num_layers", "num_heads", "intermediate_size")
+
+
+def model_id(model: ModelConfig) -> str:
+    """The model's name plus any preset size overrides: what a checkpoint must match."""
+    sizes = [f"{k}={getattr(model, k)}" for k in SIZE_KEYS if getattr(model, k)]
+    return model.name + (f"({', '.join(sizes)})" if sizes else "")
 
 
 def selected_strategy(launch: LaunchConfig):
@@ -171,12 +189,18 @@ def _key_fields() -> list[tuple[str, dataclasses.Field]]:
 # Short names shared by the Makefile, `.env`, compose and Kubernetes, from the fields' metadata.
 ENV_VARS: dict[str, str] = {f.metadata["env"]: key for key, f in _key_fields() if "env" in f.metadata}
 CONFIG_ENV = "CONFIG"  # path of the YAML run file
-SECRET_WORDS = ("token", "secret", "password", "key")
+# Credentials are never config keys (HF_TOKEN is read from the environment), but a value can
+# still carry one: a hub token pasted into a path or URL, or user:password@ in a URL.
+_SECRET_VALUE = re.compile(r"hf_[A-Za-z0-9]{20,}|(?<=://)[^/@\s:]+:[^/@\s]+(?=@)")
 
 
 def _redact(obj: Any) -> Any:
+    """The config with credential-looking substrings masked; every setting itself is kept, so the
+    saved run_config.yaml still reproduces the run (a key named like `model.tokenizer` is no secret)."""
     if isinstance(obj, dict):
-        return {k: ("***" if any(w in k.lower() for w in SECRET_WORDS) and v else _redact(v)) for k, v in obj.items()}
+        return {k: _redact(v) for k, v in obj.items()}
+    if isinstance(obj, str):
+        return _SECRET_VALUE.sub("***", obj)
     return obj
 
 
@@ -224,6 +248,16 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     raise TypeError(typ)
 
 
+def _unknown_key(dotted: str, source: str) -> ConfigError:
+    """Close matches only: the full list is ~60 keys, one `make keys` away."""
+    leaf = dotted.rsplit(".", 1)[-1]
+    same_leaf = [k for k in allowed_keys() if k.rsplit(".", 1)[-1] == leaf]  # right key, wrong section
+    close = difflib.get_close_matches(dotted, allowed_keys() + list(ENV_VARS), n=3, cutoff=0.75)
+    close = list(dict.fromkeys(same_leaf + close))[:3]
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return ConfigError(f"unknown config key {dotted!r} (from {source}); {hint}`make keys` lists every key")
+
+
 def _set(cfg: RunConfig, dotted: str, value: Any, source: str) -> None:
     parts = dotted.split(".")
     sections = _sections()
@@ -235,11 +269,28 @@ def _set(cfg: RunConfig, dotted: str, value: Any, source: str) -> None:
         target, name = None, dotted
     hints = typing.get_type_hints(type(target)) if target is not None else {}
     if target is None or name not in hints or name in sections:
-        raise ConfigError(f"unknown config key {dotted!r} (from {source}); allowed: {', '.join(allowed_keys())}")
+        raise _unknown_key(dotted, source)
     try:
         setattr(target, name, _coerce(dotted, value, hints[name]))
     except ConfigError as e:
         raise ConfigError(f"{e} (from {source})") from None
+    sources(cfg)[dotted] = source
+
+
+def sources(cfg: RunConfig) -> dict[str, str]:
+    """Where each setting that is not a dataclass default came from ("command line",
+    "environment NAME", ".env NAME", a run-file path, "ACCELERATE_CONFIG <file>")."""
+    return cfg.__dict__.setdefault("_sources", {})
+
+
+def notes(cfg: RunConfig) -> list[str]:
+    """One-line notices from resolving the config (e.g. which of two settings won), for the launcher to print."""
+    return cfg.__dict__.setdefault("_notes", [])
+
+
+def _explicit(source: str | None) -> bool:
+    """Set by the person starting this run (not a default, not the run file)."""
+    return bool(source) and source.startswith(("command line", "environment", ".env"))
 
 
 def _apply_tree(cfg: RunConfig, tree: Mapping[str, Any], source: str) -> None:
@@ -265,15 +316,35 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = None, dotenv_path: str | None = ".env") -> RunConfig:
-    """Resolve the run configuration. Pure apart from reading the YAML and `.env` files."""
+def _read_yaml(path: Path, shown: str) -> Any:
     import yaml  # here, not at the top: `keys --env-names` (the Makefile's) runs without PyYAML
 
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"config file {shown!r} cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {shown!r} is not text; pass a YAML run file such as configs/runs/tiny.yaml") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        ctx = getattr(e, "context", None)
+        cmark = getattr(e, "context_mark", None)
+        also = f" ({ctx} started at line {cmark.line + 1}, column {cmark.column + 1})" if ctx and cmark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {shown!r}: YAML syntax error{where}: {problem}{also}") from None
+
+
+def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = None, dotenv_path: str | None = ".env") -> RunConfig:
+    """Resolve the run configuration. Pure apart from reading the YAML and `.env` files."""
     from_dotenv: set[str] = set()
     if dotenv_path and Path(dotenv_path).is_file():
         from dotenv import dotenv_values
 
-        values = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
+        try:
+            values = {k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{dotenv_path} cannot be read ({type(e).__name__}); fix or remove it") from None
         # An empty variable counts as unset (make and compose pass unset ones as ""), so it
         # does not hide the .env value; a non-empty real environment variable wins over .env.
         target = os.environ if env is None else env
@@ -287,7 +358,8 @@ def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = N
     env = dict(os.environ if env is None else env)
     overrides = parse_overrides(args or [])
     # Short names (STRATEGY=zero2) on the command line act like the environment.
-    for k in [k for k in overrides if k in ENV_VARS or k == CONFIG_ENV]:
+    from_cli = {k for k in overrides if k in ENV_VARS or k == CONFIG_ENV}
+    for k in from_cli:
         env[k] = overrides.pop(k)
 
     cfg = RunConfig()
@@ -295,24 +367,94 @@ def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = N
     p = Path(path)
     if not p.is_file() and not p.is_absolute() and (REPO_ROOT / p).is_file():
         p = REPO_ROOT / p
+    if p.is_dir():
+        raise ConfigError(f"config file {path!r} is a directory; pass a YAML run file such as configs/runs/tiny.yaml")
     if not p.is_file():
         raise ConfigError(f"config file {path!r} not found; pass a YAML run file such as configs/runs/tiny.yaml")
-    tree = yaml.safe_load(p.read_text()) or {}
+    tree = _read_yaml(p, path) or {}
     if not isinstance(tree, Mapping):
         raise ConfigError(f"config file {path!r} must hold a mapping of sections")
     _apply_tree(cfg, tree, str(p))
     for name, dotted in ENV_VARS.items():
         if env.get(name, "") != "":  # Make exports unset variables as empty strings
-            _set(cfg, dotted, env[name], f"{'.env' if name in from_dotenv else 'environment'} {name}")
+            where = "command line" if name in from_cli else ".env" if name in from_dotenv else "environment"
+            _set(cfg, dotted, env[name], f"{where} {name}")
     for k, v in overrides.items():
         _set(cfg, k, v, "command line")
+    for k in sorted(from_dotenv - set(ENV_VARS) - {CONFIG_ENV}):
+        # .env also carries other variables (HF_TOKEN, NCCL_*), so an unknown name is no error;
+        # one close to a setting's name is most likely a typo that would silently do nothing.
+        close = difflib.get_close_matches(k, [*ENV_VARS, CONFIG_ENV], n=1, cutoff=0.85)
+        if close:
+            notes(cfg).append(f".env sets {k}, which is no setting (did you mean {close[0]}?); it is ignored")
+    _resolve_resume_name(cfg)
     validate(cfg)
+    _apply_accelerate_config(cfg)
     return cfg
+
+
+def _short(dotted: str) -> str:
+    return next((n for n, d in ENV_VARS.items() if d == dotted), dotted)
+
+
+def _apply_accelerate_config(cfg: RunConfig) -> None:
+    """Map a user's `accelerate config` file onto the checked strategy rows (train/user_accelerate.py).
+
+    Its settings beat the run file; a setting given on the command line, in the environment or
+    in `.env` beats the file, with a notice. A different explicit STRATEGY is a conflict, refused.
+    The file is then consumed (launch.accelerate_config cleared), so the launcher and every worker
+    run the same checked recipe; the worker re-reads the same inputs and maps them identically.
+    """
+    path = cfg.launch.accelerate_config
+    if not path:
+        return
+    from .user_accelerate import UnsupportedAccelerateConfig, read
+
+    try:
+        settings, file_notes = read(path)
+    except UnsupportedAccelerateConfig as e:
+        raise ConfigError(f"ACCELERATE_CONFIG {path!r}: {e}; or use STRATEGY= instead "
+                          f"({', '.join(STRATEGIES)})") from None
+    src = sources(cfg)
+    mapped = []
+    for dotted, value in settings.items():
+        section, _, name = dotted.rpartition(".")
+        current = getattr(getattr(cfg, section) if section else cfg, name)
+        if _explicit(src.get(dotted)):
+            if str(current) != str(value if value is not False else "no"):
+                if dotted == "launch.strategy":
+                    raise ConfigError(f"ACCELERATE_CONFIG {path!r} selects strategy {value!r} but "
+                                      f"STRATEGY={current} ({src[dotted]}); set only one of them")
+                notes(cfg).append(f"{_short(dotted)}={current} ({src[dotted]}) wins over "
+                                  f"{dotted} = {value!r} from ACCELERATE_CONFIG {path}")
+            continue
+        _set(cfg, dotted, value, f"ACCELERATE_CONFIG {path}")
+        mapped.append(f"{_short(dotted)}={getattr(getattr(cfg, section) if section else cfg, name)}")
+    cfg.launch.accelerate_config = ""
+    notes(cfg).insert(0, f"ACCELERATE_CONFIG {path} runs as the checked recipe: {', '.join(mapped)}")
+    notes(cfg).extend(f"ACCELERATE_CONFIG {path}: {n}" for n in file_notes)
+    validate(cfg)
+
+
+_STEP_DIR = re.compile(r"^step_0*(\d+)$")
+
+
+def _resolve_resume_name(cfg: RunConfig) -> None:
+    """Checkpoints are saved as step_00000050; RESUME=.../step_50 names the same one."""
+    resume = cfg.checkpoint.resume
+    p = Path(resume)
+    m = _STEP_DIR.match(p.name)
+    if resume in ("auto", "never") or p.exists() or not m:
+        return
+    for candidate in (p.with_name(f"step_{int(m.group(1)):08d}"), p.with_name(f"step_{int(m.group(1))}")):
+        if candidate.exists():
+            cfg.checkpoint.resume = str(candidate)
+            return
 
 
 def validate(cfg: RunConfig) -> None:
     """Checks that need no process group: everything a user can get wrong in the config."""
-    L, T = cfg.launch, cfg.train
+    L, T, O = cfg.launch, cfg.train, cfg.optim
     if not L.accelerate_config and L.strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {L.strategy!r}; allowed: {', '.join(STRATEGIES)}")
     if L.accelerate_config and not Path(L.accelerate_config).is_file():
@@ -323,16 +465,32 @@ def validate(cfg: RunConfig) -> None:
         ("launch.nnodes", L.nnodes, 1), ("launch.nproc_per_node", L.nproc_per_node, 0),
         ("log.every", cfg.log.every, 1), ("checkpoint.every", cfg.checkpoint.every, 0),
         ("checkpoint.keep", cfg.checkpoint.keep, 1), ("train.global_batch", T.global_batch, 0),
-        ("launch.timeout_s", L.timeout_s, 1),
+        ("launch.timeout_s", L.timeout_s, 1), ("launch.master_wait_s", L.master_wait_s, 0),
+        ("train.eval_every", T.eval_every, 0), ("train.eval_batches", T.eval_batches, 1),
+        ("optim.warmup_steps", O.warmup_steps, 0), ("data.num_workers", cfg.data.num_workers, 0),
+        *((f"model.{k}", getattr(cfg.model, k), 0) for k in SIZE_KEYS),
     ):
         if v < lo:
             raise ConfigError(f"{key}={v} is too small; it must be >= {lo}")
+    for key, v in (("optim.lr", O.lr), ("optim.eps", O.eps), ("optim.grad_clip", O.grad_clip)):
+        if not v > 0:
+            raise ConfigError(f"{key}={v} must be > 0")
+    for key, v in (("optim.beta1", O.beta1), ("optim.beta2", O.beta2)):
+        if not 0 <= v < 1:
+            raise ConfigError(f"{key}={v} must be in [0, 1)")
+    if not 0 <= O.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio={O.min_lr_ratio} must be in [0, 1]")
+    if O.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay={O.weight_decay} must be >= 0")
+    if not 0 < L.master_port < 65536:
+        raise ConfigError(f"MASTER_PORT={L.master_port} is not a TCP port (1..65535)")
     if not 0 <= L.node_rank < L.nnodes:
         raise ConfigError(f"launch.node_rank={L.node_rank} must be in [0, nnodes={L.nnodes})")
     if not 0 < cfg.data.eval_fraction < 0.5:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in (0, 0.5)")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
-        raise ConfigError(f"RESUME={cfg.checkpoint.resume!r}: no such checkpoint; use auto, never, or a checkpoint directory")
+        raise ConfigError(f"RESUME={cfg.checkpoint.resume!r}: no such checkpoint; use auto, never, or a checkpoint "
+                          "directory (checkpoints/step_00000050, or step_50)")
 
 
 def resolve_batch(cfg: RunConfig, world_size: int) -> tuple[int, int]:

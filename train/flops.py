@@ -15,9 +15,10 @@ model's FLOPs, not the hardware's (which would be HFU). Norms, softmax, RoPE and
 are left out (a few % of the total at these sizes).
 
 The peak is the device's dense 16-bit tensor-core rate (bf16 == fp16 on every GPU listed)
-for PRECISION=bf16/fp16, and its dense TF32 rate for fp32 training (PRECISION=no), the
-fastest an fp32 model can go when TF32 matmuls are allowed. Unknown devices, CPUs and fp8
-give ``None`` (reported as "n/a", never a made-up number).
+for PRECISION=bf16/fp16; for fp32 training (PRECISION=no) it is the dense TF32 rate when TF32
+matmuls are on (train.tf32, the default) and the plain FP32 rate when they are off: the peak
+of the math that really runs. Unknown devices, MIG slices, CPUs and fp8 give ``None``
+(reported as "n/a", never a made-up number).
 """
 
 from __future__ import annotations
@@ -25,63 +26,77 @@ from __future__ import annotations
 import re
 
 # Dense (not 2:4 sparse) peak FLOP/s from the vendors' datasheets. First match wins, so
-# specific names (H100 NVL, A10G, L40S) come before the families they contain.
-# Columns: 16-bit (bf16/fp16) tensor, TF32 tensor.
-_PEAKS: list[tuple[str, float, float | None]] = [
-    (r"\bB200\b", 2250e12, 1100e12),
-    (r"\bGB200\b", 2500e12, 1250e12),
-    (r"\bH200\b", 989e12, 494.5e12),
-    (r"\bGH200\b", 989e12, 494.5e12),
-    (r"\bH100\b.*\bNVL\b", 835e12, 417.5e12),
-    (r"\bH100\b.*\bPCIe\b", 756e12, 378e12),
-    (r"\bH100\b", 989e12, 494.5e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    (r"\bH800\b", 989e12, 494.5e12),
-    (r"\bH20\b", 148e12, 74e12),
-    (r"\bA100\b", 312e12, 156e12),
-    (r"\bA800\b", 312e12, 156e12),
-    (r"\bA10G\b", 70e12, 35e12),  # AWS g5: GA102 with halved tensor throughput vs the A10
-    (r"\bA10\b", 125e12, 62.5e12),
-    (r"\bL40S\b", 362e12, 183e12),
-    (r"\bL40\b", 181e12, 90.5e12),
-    (r"\bL4\b", 121e12, 60e12),
-    (r"RTX 6000 Ada", 364e12, 182e12),
-    (r"RTX A6000", 155e12, 77.4e12),
-    (r"RTX 5090", 209.5e12, 104.8e12),
-    (r"RTX 4090", 165.2e12, 82.6e12),
-    (r"RTX 3090", 71e12, 35.6e12),
-    (r"\bMI300X\b", 1307e12, 653.7e12),
-    (r"\bMI250X?\b", 383e12, None),
-    (r"\bT4\b", 65e12, None),  # fp16 only (no bf16): counted for PRECISION=fp16
-    (r"\bV100\b", 125e12, None),  # fp16 only
+# specific names (H200 NVL, H100 NVL, H800 PCIe, A10G, L40S) come before the families they
+# contain. Patterns are checked against real ``torch.cuda.get_device_name()`` strings in
+# tests/test_flops.py. Columns: 16-bit (bf16/fp16) tensor, TF32 tensor, plain FP32 (no tensor
+# cores: what PRECISION=no runs with train.tf32=false).
+_PEAKS: list[tuple[str, float, float | None, float | None]] = [
+    (r"\bGB200\b", 2500e12, 1250e12, 80e12),
+    (r"\bB200\b", 2250e12, 1100e12, 80e12),
+    (r"\bH200\b.*\bNVL\b", 835e12, 417.5e12, 60e12),  # PCIe card, H100 NVL clocks
+    (r"\bH200\b", 989e12, 494.5e12, 67e12),
+    (r"\bGH200\b", 989e12, 494.5e12, 67e12),
+    (r"\bH100\b.*\bNVL\b", 835e12, 417.5e12, 60e12),
+    (r"\bH100\b.*\bPCIe\b", 756e12, 378e12, 51e12),
+    (r"\bH100\b", 989e12, 494.5e12, 67e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    (r"\bH800\b.*\bPCIe\b", 756e12, 378e12, 51e12),
+    (r"\bH800\b", 989e12, 494.5e12, 67e12),
+    (r"\bH20\b", 148e12, 74e12, 44e12),
+    (r"\bA100\b", 312e12, 156e12, 19.5e12),
+    (r"\bA800\b", 312e12, 156e12, 19.5e12),
+    (r"\bA10G\b", 70e12, 35e12, 31.2e12),  # AWS g5: GA102 with halved tensor throughput vs the A10
+    (r"\bA10\b", 125e12, 62.5e12, 31.2e12),
+    (r"\bL40S\b", 362e12, 183e12, 91.6e12),
+    (r"\bL40\b", 181e12, 90.5e12, 90.5e12),
+    (r"\bL4\b", 121e12, 60e12, 30.3e12),
+    (r"RTX 6000 Ada", 364e12, 182e12, 91.1e12),
+    (r"RTX A6000", 155e12, 77.4e12, 38.7e12),
+    (r"RTX 5090", 209.5e12, 104.8e12, 104.8e12),
+    (r"RTX 4090", 165.2e12, 82.6e12, 82.6e12),
+    (r"RTX 3090", 71e12, 35.6e12, 35.6e12),
+    (r"\bMI300X\b", 1307e12, 653.7e12, 163.4e12),
+    (r"\bMI250X?\b", 383e12, None, 47.9e12),
+    (r"\bT4\b", 65e12, None, 8.1e12),  # fp16 only (no bf16): counted for PRECISION=fp16
+    (r"\bV100\b", 125e12, None, 15.7e12),  # fp16 only
 ]
 _NO_BF16 = (r"\bT4\b", r"\bV100\b")
+# A MIG slice ("NVIDIA A100-SXM4-40GB MIG 1g.5gb") has a fraction of the chip's SMs, and the
+# profile name does not say the fraction in a table-safe way: no peak, so no MFU.
+_PARTITIONED = re.compile(r"\bMIG\b")
 
 
-def peak_flops(device_name: str, precision: str) -> float | None:
+def peak_flops(device_name: str, precision: str, tf32: bool = True) -> float | None:
     """Peak dense FLOP/s of one device for this training precision, or None if unknown.
 
     ``device_name`` is what ``torch.cuda.get_device_name()`` returns (e.g. "NVIDIA H100 80GB
     HBM3"); ``precision`` is train.precision: "bf16" / "fp16" (16-bit tensor peak), "no" /
-    "fp32" (TF32 peak). CPUs, fp8 and devices not in the table give None.
+    "fp32" (TF32 peak when ``tf32``, else the plain FP32 peak). CPUs, MIG slices, fp8 and devices
+    not in the table give None.
     """
     if not device_name or "cpu" in device_name.lower() or precision not in ("bf16", "fp16", "no", "fp32"):
         return None
-    for pattern, half, tf32 in _PEAKS:
+    if _PARTITIONED.search(device_name):
+        return None
+    for pattern, half, tf32_peak, fp32_peak in _PEAKS:
         if re.search(pattern, device_name, flags=re.IGNORECASE):
             if precision == "bf16" and pattern in _NO_BF16:
                 return None
-            return half if precision in ("bf16", "fp16") else tf32
+            if precision in ("bf16", "fp16"):
+                return half
+            return tf32_peak if tf32 else fp32_peak
     return None
 
 
 def device_peak_flops(device, precision: str) -> float | None:
-    """``peak_flops`` for a torch device: None on CPU, the CUDA device's name otherwise."""
+    """``peak_flops`` for a torch device: None on CPU; for a CUDA device, its name and whether
+    TF32 is on right now (train.tf32, set by distributed.build_accelerator), so the peak is the
+    one the fp32 matmuls really run at."""
     import torch
 
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return peak_flops(torch.cuda.get_device_name(device), precision)
+    return peak_flops(torch.cuda.get_device_name(device), precision, tf32=torch.backends.cuda.matmul.allow_tf32)
 
 
 _COUNTS: dict[str, tuple[int, int]] = {}

@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import sys
 
-from .config import ConfigError, RunConfig, resolve_batch, selected_strategy, strategy_name
+from .config import ConfigError, RunConfig, selected_strategy, strategy_name
+from .cpus import available_cpus
 from .distributed import ENV_EXPECTED_WORLD, resolve_device, worker_env
+from .inputs import check_inputs
 
 
 def processes_per_node(requested: int, device: str) -> int:
@@ -26,33 +28,10 @@ def processes_per_node(requested: int, device: str) -> int:
     return 2
 
 
-def preflight(cfg: RunConfig, world_size: int, device: str) -> None:
-    """Every user error we can see without starting processes: one line each, exit 2."""
-    from .checkpoint import find_resume
-    from .data import resolve_source
-    from .model import check_model_source
-
-    strategy = selected_strategy(cfg.launch)
-    if strategy is not None and strategy.gpu_only and device == "cpu":
-        raise ConfigError(f"STRATEGY={strategy.name} offloads from GPU to CPU memory and needs a CUDA GPU; "
-                          "on CPU use fsdp (or zero3-offload)")
-    if cfg.train.precision == "fp16" and device == "cpu":
-        raise ConfigError("PRECISION=fp16 needs a CUDA GPU (on CPU it would silently train in fp32); use bf16 or no")
-    if cfg.train.precision == "bf16" and device == "cuda":
-        import torch
-
-        if not torch.cuda.is_bf16_supported():
-            raise ConfigError("PRECISION=bf16 is not supported by this GPU; use fp16 or no")
-    resolve_batch(cfg, world_size)
-    resolve_source(cfg.data)
-    check_model_source(cfg.model)
-    find_resume(cfg, world_size)
-
-
 def accelerate_args(cfg: RunConfig, spec, nproc: int, device: str) -> list[str]:
     strategy = selected_strategy(cfg.launch)
     config_file = cfg.launch.accelerate_config or str(strategy.accelerate_config)
-    cores = os.cpu_count() or 1
+    cores = available_cpus()  # affinity and cgroup CPU quota, not the host's core count
     args = ["--config_file", config_file,
             "--num_machines", str(spec.nnodes), "--machine_rank", str(spec.node_rank),
             "--num_processes", str(spec.nnodes * nproc),
@@ -77,7 +56,7 @@ def launch(cfg: RunConfig, argv: list[str]) -> None:
     if nproc < 1:
         raise ConfigError(f"NPROC={nproc}: no GPUs visible on this node; set NPROC or DEVICE=cpu")
     world = spec.nnodes * nproc
-    preflight(cfg, world, device)
+    check_inputs(cfg, world, device)
     strategy = selected_strategy(cfg.launch)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_SCRUB_VARS}
     env.update(worker_env(strategy, device))

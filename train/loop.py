@@ -22,7 +22,7 @@ from . import failpoints
 from .checkpoint import Checkpointer, TrainState, export_final, find_resume
 from .config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
 from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, align_scheduler, build_accelerator,
-                          check_engaged, check_sharded, resolve_device)
+                          check_engaged, check_sharded, optimizer_step_skipped, resolve_device)
 from .flops import device_peak_flops, flops_per_token
 from .metrics import MetricsLog, MetricsWindow
 from .model import build_model, is_preset, load_tokenizer, model_config, param_count
@@ -198,7 +198,7 @@ def train(cfg: RunConfig) -> int:
             assert acc.sync_gradients, "accumulation boundary out of step with the data"
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
-            if not acc.optimizer_step_was_skipped:  # fp16 overflow: the LR schedule does not advance
+            if not optimizer_step_skipped(acc, grad_norm):  # fp16 overflow: the LR schedule does not advance
                 r.scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1

@@ -89,6 +89,7 @@ def resolve_nodes(launch: LaunchConfig, env: Mapping[str, str]) -> NodeSpec:
 
     ``launch`` already holds our own names resolved from the run file, env and command line;
     a value counts as explicit if its variable is set in ``env`` or it differs from the default.
+    A single node with no port given gets a free one (``free_port``).
     """
 
     def explicit(var: str, field: str) -> bool:
@@ -98,6 +99,7 @@ def resolve_nodes(launch: LaunchConfig, env: Mapping[str, str]) -> NodeSpec:
     # they are a launched worker's *process* ranks and say nothing about nodes.
     pytorchjob = _set(env, "RANK") and _set(env, "WORLD_SIZE") and not _set(env, "LOCAL_RANK")
     used: dict[str, str] = {}
+    defaulted: set[str] = set()
 
     Parse = Optional[Callable[[Mapping[str, str], str], object]]
 
@@ -111,6 +113,7 @@ def resolve_nodes(launch: LaunchConfig, env: Mapping[str, str]) -> NodeSpec:
                 used[field] = source
                 return parse(env, var)
         used[field] = "config"  # nobody said: the run file's value or the default
+        defaulted.add(field)
         return getattr(launch, field)
 
     nnodes = pick("nnodes", [
@@ -138,10 +141,21 @@ def resolve_nodes(launch: LaunchConfig, env: Mapping[str, str]) -> NodeSpec:
         ("pet", "PET_NPROC_PER_NODE", _nproc),
     ])
 
+    if int(nnodes) == 1 and "master_port" in defaulted:
+        master_port = free_port()
     source = next((used[f] for f in ("node_rank", "nnodes") if used[f] != "config"), "config")
     spec = NodeSpec(int(nnodes), int(node_rank), str(master_addr), int(master_port), int(nproc), source)
     _check(spec, used, env)
     return spec
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: two single-node runs on one host must not both take
+    the default 29500 (the second would fail at rendezvous). Multi-node runs need a port every
+    node agrees on, so they keep MASTER_PORT."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 _VAR_OF = {  # for error messages: which variable a field came from, per source
@@ -219,4 +233,4 @@ def wait_for_master(spec: NodeSpec, timeout_s: float) -> None:
         delay = min(delay * 1.5, 2.0)
 
 
-__all__ = ["NodeSpec", "resolve_nodes", "wait_for_master", "LAUNCHER_SCRUB_VARS"]
+__all__ = ["NodeSpec", "resolve_nodes", "wait_for_master", "free_port", "LAUNCHER_SCRUB_VARS"]
