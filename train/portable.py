@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -151,7 +152,9 @@ class FSDPSource(Source):
             out = {key: None}
         else:
             out = {key: torch.empty(md.size, dtype=md.properties.dtype)}
-        self._dcp.load(out, storage_reader=self._dcp.FileSystemReader(str(folder)), no_dist=True)
+        with warnings.catch_warnings():  # "torch.distributed is disabled": offline on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            self._dcp.load(out, storage_reader=self._dcp.FileSystemReader(str(folder)), no_dist=True)
         return out[key]
 
     def get(self, kind, name):
