@@ -42,7 +42,7 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PY) -m train warm
 	touch $@
 
-.PHONY: help venv train test test-fast test-gpu env config keys plan bench strategies clean
+.PHONY: help venv train doctor test test-fast test-gpu env config keys plan bench strategies clean
 
 help: ## Show targets and run settings
 	@echo "Usage: make TARGET [NAME=value ...]   e.g. make train STRATEGY=zero2 NPROC=2 MAX_STEPS=50"
@@ -57,6 +57,9 @@ venv: $(STAMP) ## Create the virtualenv with pinned dependencies (other targets 
 
 train: $(STAMP) ## Train (default: tiny Llama on the built-in corpus, DDP, 2 processes, offline)
 	$(PY) -m train launch $(ARGS)
+
+doctor: $(STAMP) ## Preflight checks alone on this node (shm, disk, GPUs; with NNODES>1 shared storage and links)
+	$(PY) -m train doctor $(ARGS)
 
 test: $(STAMP) ## Run the whole test suite (real multi-process jobs on CPU)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -222,7 +222,8 @@ def test_every_enumerated_setting_is_checked_against_its_literal_type():
     literals = {f"{sec}.{k}": typing.get_args(t) for sec in ("launch", "train", "optim")
                 for k, t in typing.get_type_hints(hints[sec]).items() if typing.get_origin(t) is typing.Literal}
     assert literals == {"launch.device": ("auto", "cpu", "cuda"), "train.precision": ("no", "bf16", "fp16"),
-                        "optim.schedule": ("cosine", "linear", "constant")}
+                        "optim.schedule": ("cosine", "linear", "constant"),
+                        "launch.preflight": ("auto", "off", "only")}
     for key, allowed in literals.items():
         assert load([f"{key}={allowed[-1]}"]) is not None
         with pytest.raises(ConfigError, match=f"unknown {key.split('.')[1]} 'x'; allowed: {', '.join(allowed)}"):

@@ -4,6 +4,7 @@ Commands:
   launch   (default) check the config, then start the distributed job with accelerate
   worker   one rank of the job (what `accelerate launch` runs; not for direct use)
   config   print the resolved configuration and exit
+  doctor   the preflight checks alone (devices, /dev/shm, disk, shared storage, links; see train/preflight.py)
   keys     list every config key with its default, env name and meaning
            (--env-names: only the short environment names, one per line)
   plan     per-GPU memory of each strategy for a model (see train/plan.py)
@@ -20,7 +21,7 @@ import sys
 
 from .config import ConfigError
 
-COMMANDS = ("launch", "worker", "config", "keys", "plan", "bench", "env", "warm", "export", "convert")
+COMMANDS = ("launch", "worker", "config", "keys", "plan", "bench", "env", "warm", "doctor", "export", "convert")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,6 +72,17 @@ def run(cmd: str, argv: list[str]) -> None:
             from .loop import main as loop_main
 
             loop_main(cfg)
+        elif cmd == "doctor":
+            import os
+
+            from .distributed import resolve_device
+            from .launch import processes_per_node
+            from .nodes import resolve_nodes
+            from .preflight import doctor
+
+            device = resolve_device(cfg.launch.device)
+            spec = resolve_nodes(cfg.launch, os.environ)
+            doctor(cfg, spec, processes_per_node(spec.nproc_per_node or cfg.launch.nproc_per_node, device), device)
         else:
             from .launch import launch
 

@@ -48,6 +48,25 @@ class LaunchConfig:
     device: Literal["auto", "cpu", "cuda"] = setting("auto", env="DEVICE")
     timeout_s: int = setting(300, "collective/rendezvous timeout: a dead peer fails the job after this", env="DIST_TIMEOUT")
     master_wait_s: int = setting(120, "how long a non-master node waits for the master to resolve and listen")
+    preflight: Literal["auto", "off", "only"] = setting(
+        "auto", "auto | off | only: check every node, link and volume before training (train/preflight.py), "
+        "skip that, or check and exit", env="PREFLIGHT")
+
+
+@dataclass
+class PreflightConfig:
+    """Thresholds of the preflight checks (train/preflight.py); launch.preflight turns them on."""
+
+    port: int = setting(0, "TCP port on node 0 for the preflight's short process group; 0 = MASTER_PORT + 1")
+    shm_mb_per_gpu: int = setting(512, "free /dev/shm needed per GPU process (NCCL, DataLoader workers)")
+    shm_mb_per_cpu_process: int = setting(64, "free /dev/shm needed per process on CPU (DeepSpeed's shm all-reduce, DataLoader workers)")
+    min_stack_mb: int = setting(8, "warn below this stack size limit (ulimit -s)")
+    disk_checkpoints: int = setting(2, "free space at OUTPUT_DIR must hold this many checkpoints (the planner's byte counts)")
+    gpu_min_peak_fraction: float = setting(0.4, "a GPU whose bf16 matmul runs below this fraction of its datasheet peak fails")
+    link_min_fraction: float = setting(0.5, "a node or link whose pairwise bandwidth is below this fraction of the median fails")
+    min_link_gb_s: float = setting(0.0, "a link slower than this many GB/s fails (0 = no absolute floor)")
+    bandwidth_budget_s: float = setting(1.0, "seconds each bandwidth test (all-reduce, pairwise) may take; larger messages are skipped")
+    shared_wait_s: float = setting(5.0, "how long a node waits for the others' files to appear in OUTPUT_DIR (NFS caches)")
 
 
 @dataclass
@@ -129,6 +148,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
 
     # -- derived -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -268,7 +288,7 @@ def _set(cfg: RunConfig, dotted: str, value: Any, source: str) -> None:
     else:
         target, name = None, dotted
     hints = typing.get_type_hints(type(target)) if target is not None else {}
-    if target is None or name not in hints or name in sections:
+    if target is None or name not in hints or (target is cfg and name in sections):
         raise _unknown_key(dotted, source)
     try:
         setattr(target, name, _coerce(dotted, value, hints[name]))
@@ -459,6 +479,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"unknown strategy {L.strategy!r}; allowed: {', '.join(STRATEGIES)}")
     if L.accelerate_config and not Path(L.accelerate_config).is_file():
         raise ConfigError(f"ACCELERATE_CONFIG file {L.accelerate_config!r} not found")
+    P = cfg.preflight
+    for key, v in (("preflight.gpu_min_peak_fraction", P.gpu_min_peak_fraction),
+                   ("preflight.link_min_fraction", P.link_min_fraction)):
+        if not 0 <= v <= 1:
+            raise ConfigError(f"{key}={v} must be in [0, 1]")
+    if not 0 <= P.port < 65536:
+        raise ConfigError(f"preflight.port={P.port} is not a TCP port (0 = MASTER_PORT + 1)")
     for key, v, lo in (
         ("train.micro_batch", T.micro_batch, 1), ("train.grad_accum", T.grad_accum, 1),
         ("train.max_steps", T.max_steps, 1), ("data.seq_len", cfg.data.seq_len, 8),
@@ -469,6 +496,10 @@ def validate(cfg: RunConfig) -> None:
         ("train.eval_every", T.eval_every, 0), ("train.eval_batches", T.eval_batches, 1),
         ("optim.warmup_steps", O.warmup_steps, 0), ("data.num_workers", cfg.data.num_workers, 0),
         *((f"model.{k}", getattr(cfg.model, k), 0) for k in SIZE_KEYS),
+        ("preflight.shm_mb_per_gpu", P.shm_mb_per_gpu, 0), ("preflight.shm_mb_per_cpu_process", P.shm_mb_per_cpu_process, 0),
+        ("preflight.min_stack_mb", P.min_stack_mb, 0), ("preflight.disk_checkpoints", P.disk_checkpoints, 0),
+        ("preflight.min_link_gb_s", P.min_link_gb_s, 0), ("preflight.bandwidth_budget_s", P.bandwidth_budget_s, 0),
+        ("preflight.shared_wait_s", P.shared_wait_s, 0),
     ):
         if v < lo:
             raise ConfigError(f"{key}={v} is too small; it must be >= {lo}")

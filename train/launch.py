@@ -57,6 +57,9 @@ def launch(cfg: RunConfig, argv: list[str]) -> None:
         raise ConfigError(f"NPROC={nproc}: no GPUs visible on this node; set NPROC or DEVICE=cpu")
     world = spec.nnodes * nproc
     check_inputs(cfg, world, device)
+    from .preflight import run_preflight
+
+    run_preflight(cfg, spec, nproc, device)  # launch.preflight: off returns, only exits 0, a failed check exits 3
     strategy = selected_strategy(cfg.launch)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_SCRUB_VARS}
     env.update(worker_env(strategy, device))
