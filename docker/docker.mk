@@ -11,6 +11,8 @@ DOCKER ?= docker
 COMPOSE ?= $(shell $(DOCKER) compose version >/dev/null 2>&1 && echo "$(DOCKER) compose" \
   || ls $(or $(VENV),.venv)/lib/python3*/site-packages/compose/docker-compose 2>/dev/null \
   || echo docker-compose)
+# env_file's `required:` needs Compose 2.24.0, the `!reset` tag of compose.cpu.yaml 2.24.4.
+COMPOSE_MIN := 2.24.4
 TRAINER_IMAGE ?= trainer
 TRAINER_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 # Extra `docker build` flags, e.g. --network host --progress plain --build-arg UID=$$(id -u)
@@ -37,7 +39,7 @@ endef
 _COMPOSE_GPU = $(_COMPOSE_ENV) $(COMPOSE) --env-file $(ENV_FILE) -f compose/compose.yaml
 _COMPOSE_CPU = $(_COMPOSE_GPU) -f compose/compose.cpu.yaml
 
-.PHONY: docker-image-cuda docker-image-cpu docker-images compose-up compose-cpu-up compose-down \
+.PHONY: docker-image-cuda docker-image-cpu docker-images compose-check compose-up compose-cpu-up compose-down \
   docker-env docker-cpu-env docker-lint docker-test
 
 docker-image-cuda: ## Build the CUDA image (TRAINER_IMAGE:TRAINER_TAG-cuda)
@@ -55,12 +57,18 @@ docker-image-cpu: ## Build the CPU image (TRAINER_IMAGE:TRAINER_TAG-cpu); TORCH_
 
 docker-images: docker-image-cuda docker-image-cpu ## Build both images
 
-compose-up: docker-image-cuda ## Train on all GPUs of this machine (settings: .env), TensorBoard on :6006
+compose-check: ## Check that Docker Compose is v2 and new enough for compose/ (one line if not)
+	@v=$$($(COMPOSE) version --short 2>/dev/null | sed 's/^v//'); \
+	if [ -z "$$v" ]; then echo "error: Docker Compose v2 not found ($(COMPOSE)); install the docker compose plugin $(COMPOSE_MIN) or newer" >&2; exit 2; fi; \
+	printf '%s\n%s\n' "$(COMPOSE_MIN)" "$$v" | sort -V -C || { \
+	  echo "error: Docker Compose $$v is too old for compose/ (env_file required:, !reset); $(COMPOSE_MIN) or newer is needed" >&2; exit 2; }
+
+compose-up: compose-check docker-image-cuda ## Train on all GPUs of this machine (settings: .env), TensorBoard on 127.0.0.1:6006
 	$(_write_run_env)
 	$(_COMPOSE_GPU) up --no-build --detach tensorboard
 	$(_COMPOSE_GPU) up --no-build --exit-code-from trainer trainer
 
-compose-cpu-up: docker-image-cpu ## The same stack on a machine without GPUs
+compose-cpu-up: compose-check docker-image-cpu ## The same stack on a machine without GPUs
 	$(_write_run_env)
 	$(_COMPOSE_CPU) up --no-build --detach tensorboard
 	$(_COMPOSE_CPU) up --no-build --exit-code-from trainer trainer

@@ -8,32 +8,58 @@ K8S_OUT ?= build/k8s
 # newest schema kubernetes-validate ships; tests/test_k8s_manifests.py checks the same two.
 K8S_VERSIONS ?= 1.33.0 1.37.0
 K8S_OVERLAYS := $(sort $(notdir $(patsubst %/,%,$(dir $(wildcard $(K8S_DIR)/overlays/*/kustomization.yaml)))))
+K8S_STORAGE := $(sort $(filter-out base,$(notdir $(patsubst %/,%,$(dir $(wildcard $(K8S_DIR)/storage/*/kustomization.yaml))))))
 KUBECTL := $(VENV)/bin/kubectl
 OVERLAY ?= cpu-smoke
+STORAGE ?=
+# The claim every run mounts (k8s/storage/base/pvc.yaml).
+K8S_CLAIM := trainer-data
 
-.PHONY: k8s-render k8s-validate k8s-test k8s-apply k8s-logs k8s-delete
+.PHONY: k8s-render k8s-validate k8s-test k8s-storage _k8s-storage-kind k8s-apply k8s-logs k8s-delete k8s-resubmit
 
-k8s-render: $(STAMP) ## Render every k8s overlay to build/k8s/<overlay>.yaml
+k8s-render: $(STAMP) ## Render every k8s overlay and storage kind to build/k8s/
 	@mkdir -p $(K8S_OUT)
 	@for o in $(K8S_OVERLAYS); do \
 	  $(KUBECTL) kustomize $(K8S_DIR)/overlays/$$o > $(K8S_OUT)/$$o.yaml || exit 1; \
 	  echo "rendered $(K8S_OUT)/$$o.yaml"; \
 	done
+	@for s in $(K8S_STORAGE); do \
+	  $(KUBECTL) kustomize $(K8S_DIR)/storage/$$s > $(K8S_OUT)/storage-$$s.yaml || exit 1; \
+	done; echo "rendered storage kinds: $(K8S_STORAGE)"
 
-k8s-validate: k8s-render ## Validate the rendered overlays strictly against pinned Kubernetes versions
+k8s-validate: k8s-render ## Validate the rendered overlays and storage strictly against pinned Kubernetes versions
 	@for v in $(K8S_VERSIONS); do \
-	  $(VENV)/bin/kubernetes-validate --strict --quiet -k $$v $(addprefix $(K8S_OUT)/,$(addsuffix .yaml,$(K8S_OVERLAYS))) || exit 1; \
-	  echo "valid against Kubernetes $$v: $(K8S_OVERLAYS)"; \
+	  $(VENV)/bin/kubernetes-validate --strict --quiet -k $$v $(addprefix $(K8S_OUT)/,$(addsuffix .yaml,$(K8S_OVERLAYS))) \
+	    $(addprefix $(K8S_OUT)/storage-,$(addsuffix .yaml,$(K8S_STORAGE))) $(K8S_DIR)/examples/networkpolicy.yaml || exit 1; \
+	  echo "valid against Kubernetes $$v: $(K8S_OVERLAYS), storage $(K8S_STORAGE), examples/networkpolicy.yaml"; \
 	done
 
 k8s-test: $(STAMP) ## Manifest policy tests, node-topology tests and the local 2-pod run of cpu-smoke
 	$(PY) -m pytest -q tests/test_nodes.py tests/test_k8s_manifests.py tests/test_k8s_run.py
 
+k8s-storage: _k8s-storage-kind $(STAMP) ## Create the runs' shared claim once per namespace (STORAGE=nfs|efs|filestore|azurefile|single-node)
+	$(KUBECTL) apply -k $(K8S_DIR)/storage/$(STORAGE)
+
+# Checked before anything is installed or contacted: a missing choice is one line.
+_k8s-storage-kind:
+	@test -n "$(STORAGE)" -a -d "$(K8S_DIR)/storage/$(STORAGE)" || { \
+	  echo "error: STORAGE='$(STORAGE)': pick the storage kind of this cluster, one of: $(K8S_STORAGE) (README, \"Storage\")" >&2; exit 2; }
+
 k8s-apply: $(STAMP) ## Apply an overlay to the current kubectl context (OVERLAY=cpu-smoke|zero2|fsdp)
+	@$(KUBECTL) get pvc $(K8S_CLAIM) >/dev/null 2>&1 || { \
+	  echo "error: no PersistentVolumeClaim $(K8S_CLAIM) in this namespace: create it once with make k8s-storage STORAGE=<$(subst $(eval) ,|,$(K8S_STORAGE))>" >&2; exit 2; }
 	$(KUBECTL) apply -k $(K8S_DIR)/overlays/$(OVERLAY)
 
 k8s-logs: $(STAMP) ## Follow the logs of rank 0 (node 0) of OVERLAY's Job
 	$(KUBECTL) logs -f -l batch.kubernetes.io/job-name=trainer-$(OVERLAY),batch.kubernetes.io/job-completion-index=0 --tail=-1
 
-k8s-delete: $(STAMP) ## Delete OVERLAY's Job, Service and ConfigMaps (the PVC with its checkpoints stays)
-	$(KUBECTL) delete job,service,configmap -l app.kubernetes.io/instance=trainer-$(OVERLAY)
+# --cascade=foreground --wait: return only once every pod is gone (and has finished its SIGTERM
+# save). A background delete returns at once while the old pods keep writing; a resubmit then
+# starts a second gang on the same OUTPUT_DIR, and terminating pods stay in the Service's DNS.
+k8s-delete: $(STAMP) ## Delete OVERLAY's Job, Service and ConfigMaps and wait for its pods to stop (the claim stays)
+	$(KUBECTL) delete job,service,configmap -l app.kubernetes.io/instance=trainer-$(OVERLAY) \
+	  --cascade=foreground --wait --ignore-not-found
+
+k8s-resubmit: ## Stop OVERLAY's run (it saves), wait for its pods, start it again: it resumes (RESUME=auto)
+	$(MAKE) k8s-delete
+	$(MAKE) k8s-apply

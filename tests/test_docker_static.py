@@ -415,6 +415,68 @@ def test_compose_cpu_override_drops_gpu_settings():
     assert trainer["environment"]["DEVICE"] == "cpu"
 
 
+def _seconds(duration: str) -> float:
+    """A compose duration as `config` prints it (e.g. 1m0s, 10m0s, 45s)."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([hms])", duration))
+
+
+@pytest.mark.parametrize("files, at_least", [((BASE_COMPOSE,), 600), ((BASE_COMPOSE, COMPOSE_DIR / "compose.cpu.yaml"), 30)],
+                         ids=["gpu", "cpu"])
+def test_compose_stop_grace_fits_a_save_and_torchrun_stops_inside_it(files, at_least):
+    trainer = compose_config(files)["services"]["trainer"]
+    grace = _seconds(trainer["stop_grace_period"])
+    shutdown = int(trainer["environment"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
+    # GPU: a step plus a multi-GB sharded save, as the Kubernetes GPU overlays allow; CPU: quick.
+    assert grace >= at_least and 30 < shutdown <= grace - 10, (grace, shutdown)
+    if "cpu" in combo_id(files):
+        assert grace <= 120, "the CPU override keeps `docker compose stop` short"
+
+
+def test_compose_tensorboard_listens_on_loopback_unless_opened():
+    def published(extra=None):
+        tb = compose_config((BASE_COMPOSE,), extra_env=extra)["services"]["tensorboard"]
+        return [(p.get("host_ip"), p["published"]) for p in tb["ports"]]
+
+    # Docker's port forwarding bypasses host firewalls: an unauthenticated TensorBoard on every
+    # interface would be open to the network.
+    assert published() == [("127.0.0.1", "6006")]
+    assert published({"TENSORBOARD_BIND": "0.0.0.0", "TENSORBOARD_PORT": "7007"}) == [("0.0.0.0", "7007")]
+
+
+@pytest.mark.parametrize("files", combinations(), ids=combo_id)
+def test_compose_hands_the_volumes_to_the_image_user_before_training(files):
+    cfg = compose_config(files)["services"]
+    init, trainer = cfg["volumes-init"], cfg["trainer"]
+    assert trainer["depends_on"]["volumes-init"]["condition"] == "service_completed_successfully"
+    assert init["image"] == trainer["image"], "the image's own user and uid decide the owner"
+    assert {v["target"] for v in init["volumes"]} == {v["target"] for v in trainer["volumes"]}
+    assert init["user"] == "0:0" and init["cap_drop"] == ["ALL"] and set(init["cap_add"]) <= {"CHOWN", "DAC_READ_SEARCH"}
+    assert init["network_mode"] == "none"
+    script = " ".join(init["entrypoint"] + init["command"])
+    assert "id -u trainer" in script and "! -user" in script, "chown only what the image's user does not own"
+
+
+def test_compose_does_not_restart_the_trainer_on_top_of_the_launchers_budget():
+    # In-place restarts (MAX_RESTARTS) happen inside; Docker's policies would retry final codes too.
+    for files in combinations():
+        assert compose_config(files)["services"]["trainer"].get("restart") == "no"
+
+
+def test_make_compose_up_refuses_an_old_compose_with_one_line(tmp_path):
+    fake = tmp_path / "compose"
+    fake.write_text("#!/bin/sh\necho v2.23.3\n")
+    fake.chmod(0o755)
+    p = subprocess.run(["make", "--no-print-directory", "-f", "docker/docker.mk", "compose-check", f"COMPOSE={fake}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    assert p.stderr.splitlines()[0] == ("error: Docker Compose 2.23.3 is too old for compose/ (env_file required:, "
+                                        "!reset); 2.24.4 or newer is needed"), p.stderr
+    ok = subprocess.run(["make", "--no-print-directory", "-f", "docker/docker.mk", "compose-check",
+                         f"COMPOSE={' '.join(compose_bin())}"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+
+
 def test_compose_validation_rejects_unknown_keys(tmp_path):
     """The check above is worth something only if the validator is strict."""
     bad = tmp_path / "compose.yaml"

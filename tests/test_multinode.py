@@ -3,31 +3,15 @@ one process each, must be the same job as one machine with two processes."""
 
 from __future__ import annotations
 
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, free_port, job_env, kill_tree, losses, output, train, wait_for_step
+from conftest import TINY, free_port, kill_tree, losses, output, train, wait_for_step
+from helpers import NODE_COMMON as COMMON
+from helpers import make_train
 
 pytestmark = pytest.mark.slow
-COMMON = {**TINY, "MAX_STEPS": "4", "CHECKPOINT_EVERY": "0", "checkpoint.export": "false"}
-
-
-def make_train(out, node_rank: int, port: int, env: dict | None = None, **extra) -> subprocess.Popen:
-    """`make train NNODES=2 NODE_RANK=i ...` exactly as a user types it on machine i."""
-    settings = {**COMMON, "NPROC": "1", "NNODES": "2", "NODE_RANK": str(node_rank),
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OUTPUT_DIR": str(out), **extra}
-    make_vars = [f"{k}={v}" for k, v in settings.items() if "." not in k]
-    args = " ".join(f"{k}={v}" for k, v in settings.items() if "." in k)  # dotted keys go through ARGS
-    log = Path(str(out) + f"-node{node_rank}.log")
-    with open(log, "w") as f:
-        proc = subprocess.Popen(["make", "--no-print-directory", "train", *make_vars, f"ARGS={args}"],
-                                cwd=REPO, env=job_env(env), stdout=f, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-    proc.log_path = log
-    return proc
 
 
 def test_two_machines_with_one_process_each_equal_one_machine_with_two(tmp_path):

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from train.config import ConfigError, LaunchConfig, load_config
-from train.nodes import LAUNCHER_SCRUB_VARS, NodeSpec, resolve_nodes, wait_for_master
+from train import exitcodes
+from train.nodes import LAUNCHER_SCRUB_VARS, MasterUnreachable, NodeSpec, resolve_nodes, wait_for_master
 
 
 def resolve(env: dict[str, str]) -> NodeSpec:
@@ -220,7 +223,7 @@ def test_wait_keeps_trying_until_the_master_starts_late():
 def test_wait_times_out_on_a_closed_port(capsys):
     port = _free_port()
     start = time.monotonic()
-    with pytest.raises(ConfigError, match=rf"master 127.0.0.1:{port} not reachable after 2 s: .*connect failed"):
+    with pytest.raises(MasterUnreachable, match=rf"master 127.0.0.1:{port} not reachable after 2 s: .*connect failed"):
         wait_for_master(NodeSpec(2, 1, "127.0.0.1", port, 1, "indexed-job"), timeout_s=2)
     assert 1.9 < time.monotonic() - start < 5
     assert "waiting up to 2 s" in capsys.readouterr().err
@@ -228,7 +231,27 @@ def test_wait_times_out_on_a_closed_port(capsys):
 
 def test_wait_times_out_on_a_name_that_never_resolves():
     start = time.monotonic()
-    with pytest.raises(ConfigError, match=r"master trainer-0.no-such-service.invalid:29500 not reachable after 1 s: "
+    with pytest.raises(MasterUnreachable, match=r"master trainer-0.no-such-service.invalid:29500 not reachable after 1 s: "
                                           r"name does not resolve"):
         wait_for_master(NodeSpec(2, 1, "trainer-0.no-such-service.invalid", 29500, 1, "indexed-job"), timeout_s=1)
     assert time.monotonic() - start < 15  # the resolver's own timeout may add a little
+
+
+def test_an_unreachable_master_is_not_a_config_error():
+    # A cold GPU node pulling a 10 GB image is not bad input: the Job retries this, not exit 2.
+    assert not issubclass(MasterUnreachable, ConfigError)
+    assert exitcodes.MASTER_UNREACHABLE not in exitcodes.FINAL_CODES
+
+
+def test_launcher_exits_master_unreachable_when_node_0_never_answers(tmp_path):
+    from conftest import REPO, TINY, job_env
+
+    port = _free_port()  # nothing listens
+    settings = {**TINY, "OUTPUT_DIR": str(tmp_path / "run"), "NNODES": "2", "NODE_RANK": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "launch.master_wait_s": "1",
+                "PREFLIGHT": "off"}  # the preflight's own wait for node 0 says the same (tests/test_preflight.py)
+    p = subprocess.run([sys.executable, "-m", "train", "launch", *[f"{k}={v}" for k, v in settings.items()]],
+                       cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == exitcodes.MASTER_UNREACHABLE, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: master 127.0.0.1:{port} not reachable after 1 s"), last

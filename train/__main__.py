@@ -11,6 +11,7 @@ Commands:
   bench    the benchmark table (see train/bench.py)
   env      versions of everything that matters, and `accelerate env`
   warm     pre-build DeepSpeed's JIT ops for this machine (done by `make` at install time)
+  hang-report OUTPUT_DIR   which rank hung, where: the table and verdict of the newest hang dump
   export   CKPT OUT: a Hugging Face model (safetensors, config, tokenizer) from any checkpoint
   convert  CKPT OUT --to STRATEGY [--world-size N]: a checkpoint that resumes under STRATEGY
 """
@@ -20,8 +21,11 @@ from __future__ import annotations
 import sys
 
 from .config import ConfigError
+from .exitcodes import MASTER_UNREACHABLE
+from .nodes import MasterUnreachable
 
-COMMANDS = ("launch", "worker", "config", "keys", "plan", "bench", "env", "warm", "doctor", "export", "convert")
+COMMANDS = ("launch", "worker", "config", "keys", "plan", "bench", "env", "warm", "doctor", "hang-report", "export",
+            "convert")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,15 +34,39 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         return
     cmd = argv.pop(0) if argv and argv[0] in COMMANDS else "launch"
+    if cmd == "worker":
+        from . import progress
+
+        progress.attach()  # before anything slow: die with the agent, let the supervisor trace us
     try:
-        run(cmd, argv)
+        code = run(cmd, argv)
     except ConfigError as e:
+        if cmd == "worker":
+            progress.config_error(str(e))  # the supervisor ends the job and prints the line last
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except MasterUnreachable as e:  # retriable (a cold node, slow DNS), unlike a config error
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(MASTER_UNREACHABLE)
+    except BaseException as e:
+        from .rollback import Diverged
+
+        if cmd == "worker" and isinstance(e, Diverged):
+            from .exitcodes import DIVERGED
+
+            progress.fatal("diverged", str(e), DIVERGED)  # a restart would diverge again
+        if cmd == "worker" and not isinstance(e, SystemExit):
+            progress.crashed(e)
+        raise
+    sys.exit(code or 0)
 
 
-def run(cmd: str, argv: list[str]) -> None:
-    if cmd == "keys":
+def run(cmd: str, argv: list[str]) -> int | None:
+    if cmd == "hang-report":
+        from .hang import main as hang_main
+
+        hang_main(argv)
+    elif cmd == "keys":
         from .config import env_names, help_text
 
         print("\n".join(env_names()) if "--env-names" in argv else help_text())
@@ -86,7 +114,8 @@ def run(cmd: str, argv: list[str]) -> None:
         else:
             from .launch import launch
 
-            launch(cfg, argv)
+            return launch(cfg, argv)
+    return None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,13 @@ with a manifest count, so a process killed mid-save leaves the previous checkpoi
 newest complete one. Rotation runs after the rename and never touches the newest.
 We own this instead of accelerate's ``total_limit``, which deletes the oldest checkpoint
 before writing the new one, in place.
+
+One gang owns an OUTPUT_DIR at a time. When a run starts, its rank 0 writes a new generation
+id to ``OUTPUT_DIR/generation.json`` and picks the checkpoint to resume; every rank gets both
+from it (ranks that list the directory themselves can see different newest steps on NFS
+right after a rename). Before each save and before each rename the gang checks that the
+generation is still its own; an older gang that finds it was superseded (a resubmitted Job
+whose old pods are still terminating) writes nothing more and exits 8 (SUPERSEDED).
 """
 
 from __future__ import annotations
@@ -16,21 +23,30 @@ import math
 import os
 import platform
 import shutil
+import socket
+import sys
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from . import failpoints
 from .config import ConfigError, RunConfig
 from .distributed import wait_for_export
+from .exitcodes import SUPERSEDED
 from .model import param_count
 
 MANIFEST = "manifest.json"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
+GENERATION_FILE = "generation.json"
+# How long a rank waits for the checkpoint rank 0 chose to appear in its own view of OUTPUT_DIR.
+# NFS clients cache directory attributes for up to acdirmax (60 s by default).
+VISIBLE_WAIT_S = 60.0
 
 
 @dataclass
@@ -41,6 +57,9 @@ class TrainState:
     epoch: int = 0
     samples_in_epoch: int = 0  # samples of permutation(seed, epoch) already consumed
     tokens_seen: int = 0
+    # Global batches skipped by loss-spike rollbacks (train/rollback.py), kept so a resume or a
+    # rerun reproduces the curve: [{from_step, to_step, reason, from_cursor, to_cursor}, ...]
+    skipped: list = field(default_factory=list)
 
 
 def versions() -> dict[str, str]:
@@ -101,6 +120,89 @@ def find_resume(cfg: RunConfig, world_size: int) -> Path | None:
     return path
 
 
+def claim_run(output_dir: str | Path, world_size: int) -> str:
+    """Make this gang the owner of ``output_dir``: a new generation id in generation.json.
+
+    Written in place (truncate + write + fsync), not by rename: NFS's close-to-open consistency
+    then shows the new content to the next open() on every client, while a renamed-over path can
+    stay cached as the old file. A reader that catches the write half-done sees unreadable JSON,
+    which only happens while someone else is taking over, and counts as "not ours".
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    generation = uuid.uuid4().hex
+    record = {"generation": generation, "host": socket.gethostname(), "pid": os.getpid(), "world_size": world_size,
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _write_durably(out / GENERATION_FILE, json.dumps(record))
+    return generation
+
+
+def current_owner(output_dir: str | Path) -> dict:
+    """The generation record in ``output_dir``, or {} if it is missing or being rewritten."""
+    try:
+        return json.loads((Path(output_dir) / GENERATION_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def agree_resume(cfg: RunConfig, world_size: int, visible_wait_s: float = VISIBLE_WAIT_S) -> tuple[str, Path | None]:
+    """Rank 0 takes the run over and chooses the checkpoint; every rank returns (generation, path).
+
+    A collective when a process group exists: call it on every rank. Rank 0 alone lists the
+    checkpoints; the others are told which one and wait (bounded) until it is visible to them.
+    A refused resume is raised as the same ConfigError on every rank, so none waits alone.
+    """
+    group = dist.is_initialized() and dist.get_world_size() > 1
+    rank0 = not group or dist.get_rank() == 0
+    message: dict = {}
+    if rank0:
+        try:
+            generation = claim_run(cfg.output_dir, world_size)  # first: an older gang stops renaming now
+            path = find_resume(cfg, world_size)
+            message = {"generation": generation, "name": None if path is None else path.name}
+        except ConfigError as e:
+            message = {"error": str(e)}
+        except OSError as e:  # e.g. a volume uid 1000 may not write: say so on every rank, none hangs
+            message = {"error": f"cannot write {GENERATION_FILE} in OUTPUT_DIR {cfg.output_dir!r} "
+                                f"({e.strerror or e}); the run directory must be writable by uid {os.getuid()}"}
+    if group:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if "error" in message:
+        raise ConfigError(message["error"])
+    # Each rank names the chosen checkpoint under its own OUTPUT_DIR (mount points may differ).
+    if message["name"] is None:
+        chosen = None
+    elif cfg.checkpoint.resume == "auto":
+        chosen = checkpoint_root(cfg) / message["name"]
+    else:
+        chosen = Path(cfg.checkpoint.resume)
+    seen = rank0 or chosen is None or _wait_visible(chosen, visible_wait_s)
+    if group:
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, seen)
+        if not all(everyone):
+            missing = [r for r, ok in enumerate(everyone) if not ok]
+            raise ConfigError(f"rank 0 chose checkpoint {message['name']} but rank(s) {missing} cannot see it after "
+                              f"{visible_wait_s:.0f} s: is OUTPUT_DIR the same shared volume on every node?")
+    return message["generation"], chosen
+
+
+def _wait_visible(path: Path, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.listdir(path.parent)  # a fresh READDIR revalidates an NFS client's cached directory
+        except OSError:
+            pass
+        if (path / MANIFEST).is_file():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+
+
 def check_files(manifest: dict, path: Path) -> None:
     """Every file the manifest lists is there with its recorded size (catches truncation early)."""
     for rel, size in manifest.get("files", {}).items():
@@ -139,11 +241,21 @@ class Checkpointer:
     def __init__(self, cfg: RunConfig, accelerator, extra_manifest: dict):
         self.cfg, self.acc, self.extra = cfg, accelerator, extra_manifest
         self.root = checkpoint_root(cfg)
+        self.generation: str | None = None  # set by claim_and_find_resume; None = no ownership checks
+
+    def claim_and_find_resume(self) -> Path | None:
+        """Own OUTPUT_DIR from now on and return the checkpoint rank 0 chose (see agree_resume)."""
+        self.generation, path = agree_resume(self.cfg, self.acc.num_processes)
+        return path
 
     def save(self, state: TrainState, config_yaml: str) -> Path:
         acc = self.acc
         final = self.root / f"{PREFIX}{state.step:08d}"
+        # Not per generation: a newer gang resumes from a step the older one already saved, so
+        # both writing one step's temp dir at once would take a save longer than the newer
+        # gang's start-up plus the steps in between; the checks below stop the older first.
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
+        self._step_aside_if_superseded(None)
         if acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crash
@@ -168,10 +280,13 @@ class Checkpointer:
             manifest = {"format": FORMAT_VERSION, "step": state.step, "train_state": asdict(state),
                         "world_size": acc.num_processes, "form": "native", "fingerprint": self.cfg.fingerprint(),
                         "config_hash": self.cfg.fingerprint_hash(), "versions": versions(),
+                        "generation": self.generation,
                         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "files": {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()},
                         **self.extra}
             _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=2))
+        self._step_aside_if_superseded(tmp)
+        if acc.is_main_process:
             if final.exists():  # the same step saved again (e.g. after a resume): replace it whole
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -179,6 +294,28 @@ class Checkpointer:
             self._rotate()
         acc.wait_for_everyone()
         return final
+
+    def _step_aside_if_superseded(self, tmp: Path | None) -> None:
+        """Exit SUPERSEDED on every rank if another gang has taken OUTPUT_DIR over since we started.
+
+        Rank 0 reads the owner and all ranks agree, so none waits alone in a collective. Nothing
+        is renamed or rotated after this; our unfinished temp dir is removed.
+        """
+        if self.generation is None:
+            return
+        owner = current_owner(self.cfg.output_dir) if self.acc.is_main_process else {}
+        if not self._any_rank(self.acc.is_main_process and owner.get("generation") != self.generation):
+            return
+        if self.acc.is_main_process:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            who = (f"generation {owner['generation'][:8]} from {owner.get('host')} since {owner.get('started')}"
+                   if owner else f"nobody ({GENERATION_FILE} is missing or being rewritten)")
+            print(f"[checkpoint] superseded: OUTPUT_DIR {self.cfg.output_dir} now belongs to {who}; this gang "
+                  f"(generation {self.generation[:8]}) stops without writing (exit {SUPERSEDED})", flush=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(SUPERSEDED)  # every rank, at once; the loop's cleanup would only write more
 
     def _rotate(self) -> None:
         done = complete_checkpoints(self.root)

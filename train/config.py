@@ -48,6 +48,8 @@ class LaunchConfig:
     device: Literal["auto", "cpu", "cuda"] = setting("auto", env="DEVICE")
     timeout_s: int = setting(300, "collective/rendezvous timeout: a dead peer fails the job after this", env="DIST_TIMEOUT")
     master_wait_s: int = setting(120, "how long a non-master node waits for the master to resolve and listen")
+    max_restarts: int = setting(3, "times torchrun restarts the workers after a crash (multi-process runs); they resume from the newest checkpoint", env="MAX_RESTARTS")
+    hang_timeout_s: float = setting(0.0, "no rank finished a step for this long: dump stacks, exit 4; 0 = max(60 s, 10 median steps)", env="HANG_TIMEOUT")
     preflight: Literal["auto", "off", "only"] = setting(
         "auto", "auto | off | only: check every node, link and volume before training (train/preflight.py), "
         "skip that, or check and exit", env="PREFLIGHT")
@@ -119,6 +121,9 @@ class TrainConfig:
     max_steps: int = setting(200, env="MAX_STEPS")
     eval_every: int = 100
     eval_batches: int = 4
+    spike_factor: float = setting(3.0, "a logged loss above this x the median of the last spike_window rolls back to the newest checkpoint and skips the batches since; 0 = only non-finite losses")
+    spike_window: int = setting(20, "logged losses the spike median is taken over")
+    max_rollbacks: int = setting(3, "rollbacks a run may take; then it stops with exit 7 (diverged)")
 
 
 @dataclass
@@ -496,6 +501,9 @@ def validate(cfg: RunConfig) -> None:
         ("train.eval_every", T.eval_every, 0), ("train.eval_batches", T.eval_batches, 1),
         ("optim.warmup_steps", O.warmup_steps, 0), ("data.num_workers", cfg.data.num_workers, 0),
         *((f"model.{k}", getattr(cfg.model, k), 0) for k in SIZE_KEYS),
+        ("launch.max_restarts", L.max_restarts, 0), ("launch.hang_timeout_s", L.hang_timeout_s, 0),
+        ("train.spike_factor", T.spike_factor, 0), ("train.spike_window", T.spike_window, 1),
+        ("train.max_rollbacks", T.max_rollbacks, 0),
         ("preflight.shm_mb_per_gpu", P.shm_mb_per_gpu, 0), ("preflight.shm_mb_per_cpu_process", P.shm_mb_per_cpu_process, 0),
         ("preflight.min_stack_mb", P.min_stack_mb, 0), ("preflight.disk_checkpoints", P.disk_checkpoints, 0),
         ("preflight.min_link_gb_s", P.min_link_gb_s, 0), ("preflight.bandwidth_budget_s", P.bandwidth_budget_s, 0),

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from . import data as data_mod
-from . import failpoints
-from .checkpoint import Checkpointer, TrainState, export_final, find_resume
+from . import failpoints, progress, rollback
+from .checkpoint import Checkpointer, TrainState, checkpoint_root, export_final
 from .config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
 from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, align_scheduler, build_accelerator,
                           check_engaged, check_sharded, optimizer_step_skipped, resolve_device)
@@ -28,6 +28,7 @@ from .metrics import MetricsLog, MetricsWindow
 from .model import build_model, is_preset, load_tokenizer, model_config, param_count
 from .plan import held_bytes
 from .preemption import EXIT_PREEMPTED, StopSignal
+from .rollback import SpikeGuard
 from .strategies import GRADS, OPTIM, PARAMS, Strategy
 
 IGNORE_INDEX = -100
@@ -162,13 +163,16 @@ def setup(cfg: RunConfig) -> Run:
 
     ckpt = Checkpointer(cfg, acc, {"strategy": strategy_name(cfg.launch), "global_batch": global_batch})
     state = TrainState()
-    resume_from = find_resume(cfg, acc.num_processes)
+    resume_from = ckpt.claim_and_find_resume()  # rank 0 takes OUTPUT_DIR over and chooses for all
     if resume_from is not None:
         state = ckpt.load(resume_from)
         if acc.is_main_process:
             print(f"[train] resumed from {resume_from} at step {state.step} (epoch {state.epoch}, "
                   f"{state.samples_in_epoch} samples into it)", flush=True)
     log = MetricsLog(acc, cfg.output_dir, cfg.train.max_steps, state.step, cfg.log.progress)
+    if acc.is_main_process:
+        progress.log_restart(log, state.step)  # this start is torchrun's restart: one event line
+        ckpt.extra["events"] = progress.event_counts(log.path)
     return Run(cfg, acc, strategy, tokenizer, splits, model, optimizer, scheduler, sampler, loader, evals, ckpt,
                state, log, HeldBytesProbe(model, optimizer), full, stop, grad_accum, global_batch,
                global_batch * cfg.data.seq_len, config_yaml, mconf)
@@ -186,14 +190,20 @@ def train(cfg: RunConfig) -> int:
     acc, state, model, optimizer = r.acc, r.state, r.model, r.optimizer
     window = metrics_window(r)
     last_saved, stopped = state.step, False
+    guard = SpikeGuard(cfg.train.spike_factor, cfg.train.spike_window)
     model.train()
     while state.step < cfg.train.max_steps and not stopped:
         r.sampler.set_position(state.epoch, state.samples_in_epoch)
         batches = iter(r.loader)
+        rolled_back = False
         for _ in range(r.sampler.steps_per_epoch - state.samples_in_epoch // r.global_batch):
+            progress.phase("data")  # what the hang watchdog reports (train/progress.py); no collective
+            failpoints.before_data(state.step + 1, acc.process_index)
             micro = [next(batches) for _ in range(r.grad_accum)]
+            progress.phase("forward")
             r.probe.reset(armed=state.step == 0 or (state.step + 1) % cfg.log.every == 0)  # step 1 and log steps
             loss = forward_backward(model, micro, acc)
+            loss = failpoints.poison(loss, model, state.epoch, state.samples_in_epoch // r.global_batch + 1)
             window.add(loss, sum(sample_hash(b["index"]) for b in micro))
             assert acc.sync_gradients, "accumulation boundary out of step with the data"
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -205,26 +215,34 @@ def train(cfg: RunConfig) -> int:
             state.samples_in_epoch += r.global_batch
             state.tokens_seen += r.tokens_per_step
             failpoints.after_step(state.step, acc.process_index)
+            progress.phase("collective", step=state.step)
             if state.step == 1 and r.strategy is not None and r.probe.last is not None:
                 check_sharded(r.probe.last, r.full, r.strategy, acc.num_processes)
 
             if state.step % cfg.log.every == 0 or state.step == cfg.train.max_steps:
                 record = window.record(state, r.scheduler.get_last_lr()[0], grad_norm, r.probe.last)
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"loss is {record['loss']} at step {state.step}; "
-                                             "lower optim.lr or use bf16 over fp16")
+                spike = guard.check(record["loss"])
+                if spike:  # every rank sees the same reduced loss, so all roll back together
+                    state = r.state = roll_back(r, spike)
+                    window, last_saved, rolled_back = metrics_window(r), state.step, True
+                    break
                 r.log.log(record)
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+                progress.phase("eval")
                 r.log.log({"step": state.step, **evaluate(model, r.evals, acc, cfg.train.eval_batches)})
             stopped = r.stop.agreed()
             if stopped or state.step >= cfg.train.max_steps:
                 break  # the checkpoint after the loop covers both
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+                progress.phase("checkpoint")
                 r.ckpt.save(state, r.config_yaml)
                 last_saved = state.step
         if state.samples_in_epoch >= r.sampler.steps_per_epoch * r.global_batch:
             state.epoch, state.samples_in_epoch = state.epoch + 1, 0
+        if rolled_back:
+            continue
 
+    progress.phase("checkpoint")
     if last_saved != state.step:
         r.ckpt.save(state, r.config_yaml)
     if stopped and acc.is_main_process:
@@ -233,6 +251,17 @@ def train(cfg: RunConfig) -> int:
         finish(r)
     r.close()
     return EXIT_PREEMPTED if stopped else 0
+
+
+def roll_back(r: Run, reason: str) -> TrainState:
+    """Back to the newest checkpoint, past the batches that led to ``reason`` (train/rollback.py)."""
+    progress.phase("checkpoint")
+    main = r.acc.is_main_process
+    state = rollback.roll_back(r.ckpt, checkpoint_root(r.cfg), r.state, reason, r.cfg.train.max_rollbacks,
+                               r.log if main else None)
+    if main:
+        r.ckpt.extra["events"] = progress.event_counts(r.log.path)
+    return state
 
 
 def finish(r: Run) -> None:
@@ -284,6 +313,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def main(cfg: RunConfig) -> None:
     code = train(cfg)
+    progress.finished(code)
     sys.stdout.flush()
     # Some 2-process gloo runs hang at interpreter exit after training (MACHINE-NOTES); exit explicitly.
     os._exit(code)

@@ -33,6 +33,14 @@ from .config import ConfigError, LaunchConfig
 
 _DEFAULTS = LaunchConfig()
 
+
+class MasterUnreachable(RuntimeError):
+    """Node 0 did not answer within ``launch.master_wait_s``: exit 5 (exitcodes.MASTER_UNREACHABLE).
+
+    Not a ConfigError: a cold node still pulling a 10 GB image, or slow DNS, is not bad input,
+    and the Job retries this code while it fails at once on configuration errors.
+    """
+
 # Node-level variables of the contracts above. The launcher should drop them from the
 # environment it hands to `accelerate launch`: torchrun sets the per-process RANK/WORLD_SIZE
 # itself, and a stale pod-level WORLD_SIZE reaching the workers is the wrong-world-size bug.
@@ -194,8 +202,8 @@ def wait_for_master(spec: NodeSpec, timeout_s: float) -> None:
     """Block until the master's name resolves and its port accepts a TCP connection.
 
     Kubernetes DNS for a new pod can take ~30 s, and a name that resolves is not yet a
-    listening rendezvous store, so both are checked. Bounded by ``timeout_s``; then a
-    ``ConfigError`` says what was tried. A no-op on the master itself and on a single node.
+    listening rendezvous store, so both are checked. Bounded by ``timeout_s``; then
+    ``MasterUnreachable`` says what was tried. A no-op on the master itself and on a single node.
     """
     if spec.node_rank == 0 or spec.nnodes == 1:
         return
@@ -223,7 +231,7 @@ def wait_for_master(spec: NodeSpec, timeout_s: float) -> None:
                     last_error = f"resolves to {sockaddr[0]} but connect failed ({e.strerror or e})"
         now = time.monotonic()
         if now >= deadline:
-            raise ConfigError(f"master {addr}:{port} not reachable after {timeout_s:.0f} s: {last_error}; "
+            raise MasterUnreachable(f"master {addr}:{port} not reachable after {timeout_s:.0f} s: {last_error}; "
                               "is node 0 running, and does MASTER_ADDR name it (<job>-0.<headless service>)?")
         if now - last_report >= 5:
             print(f"[nodes] still waiting for master {addr}:{port} ({now - start:.0f}/{timeout_s:.0f} s): {last_error}",
@@ -233,4 +241,4 @@ def wait_for_master(spec: NodeSpec, timeout_s: float) -> None:
         delay = min(delay * 1.5, 2.0)
 
 
-__all__ = ["NodeSpec", "resolve_nodes", "wait_for_master", "free_port", "LAUNCHER_SCRUB_VARS"]
+__all__ = ["NodeSpec", "MasterUnreachable", "resolve_nodes", "wait_for_master", "free_port", "LAUNCHER_SCRUB_VARS"]
