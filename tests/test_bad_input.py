@@ -243,13 +243,6 @@ def test_output_dir_of_a_different_run_is_refused_and_left_intact(tmp_path, laun
     assert snapshot(out) == before
 
 
-@pytest.mark.slow
-def test_deepspeed_checkpoint_on_another_world_size_is_refused_with_how_to_convert(tmp_path):
-    train(tmp_path, STRATEGY="zero2", MAX_STEPS=2, CHECKPOINT_EVERY=2, **{"checkpoint.export": "false"})
-    p = launch(*args_for(tmp_path, STRATEGY="zero2", NPROC=1, MAX_STEPS=4))
-    assert_refused(p, "written by 2 DeepSpeed ranks, this run has 1", "ds_to_universal")
-
-
 def test_checkpoint_manifest_is_what_resume_checks(tmp_path, launch_here):
     """A hand-edited/corrupt manifest is reported, not a traceback."""
     ck = tmp_path / "checkpoints" / "step_00000002"

@@ -12,6 +12,8 @@ Commands:
   env      versions of everything that matters, and `accelerate env`
   warm     pre-build DeepSpeed's JIT ops for this machine (done by `make` at install time)
   hang-report OUTPUT_DIR   which rank hung, where: the table and verdict of the newest hang dump
+  export   CKPT OUT: a Hugging Face model (safetensors, config, tokenizer) from any checkpoint
+  convert  CKPT OUT --to STRATEGY [--world-size N]: a checkpoint that resumes under STRATEGY
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from .config import ConfigError
 from .exitcodes import MASTER_UNREACHABLE
 from .nodes import MasterUnreachable
 
-COMMANDS = ("launch", "worker", "config", "keys", "plan", "bench", "env", "warm", "doctor", "hang-report")
+COMMANDS = ("launch", "worker", "config", "keys", "plan", "bench", "env", "warm", "doctor", "hang-report", "export",
+            "convert")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,6 +82,10 @@ def run(cmd: str, argv: list[str]) -> int | None:
         from .plan import main as plan_main
 
         plan_main(argv)
+    elif cmd in ("export", "convert"):
+        from .convert import main as convert_main
+
+        convert_main(cmd, argv)
     elif cmd == "bench":
         from .bench import main as bench_main
 

@@ -220,12 +220,21 @@ def check_compatible(manifest: dict, cfg: RunConfig, world_size: int, path: Path
     if diff:
         raise ConfigError(f"checkpoint {str(path)!r} is from a different run ({'; '.join(diff)}); "
                           "use another OUTPUT_DIR or restore the original settings")
+
+
+def conversion(manifest: dict, cfg: RunConfig, world_size: int) -> str | None:
+    """None when the checkpoint loads natively into this run; else what the conversion moves."""
+    from .config import strategy_name
+    from .portable import native_loads
+
+    saved, ours = manifest.get("strategy", "?"), strategy_name(cfg.launch)
     saved_world = manifest.get("world_size")
-    if ours["strategy_family"] == "deepspeed" and saved_world != world_size:
-        raise ConfigError(
-            f"checkpoint {str(path)!r} was written by {saved_world} DeepSpeed ranks, this run has {world_size}; "
-            "DeepSpeed checkpoints do not reshard: convert it with `python -m deepspeed.checkpoint.ds_to_universal` "
-            "and resume with the universal checkpoint, or run on the original world size")
+    if manifest.get("form") == "portable":
+        return f"was converted from {manifest.get('converted_from', {}).get('strategy')}: loading its portable form"
+    if native_loads(saved, saved_world, ours, world_size):
+        return None
+    return (f"written by {saved} on {saved_world} rank(s), this run is {ours} on {world_size}: converting through "
+            "the portable form (weights, Adam moments and step, LR schedule, data cursor move; RNG states do not)")
 
 
 class Checkpointer:
@@ -269,7 +278,7 @@ class Checkpointer:
                                + f" ({free:.1f} MiB free at {self.root}); the previous checkpoint is intact") from error
         if acc.is_main_process:
             manifest = {"format": FORMAT_VERSION, "step": state.step, "train_state": asdict(state),
-                        "world_size": acc.num_processes, "fingerprint": self.cfg.fingerprint(),
+                        "world_size": acc.num_processes, "form": "native", "fingerprint": self.cfg.fingerprint(),
                         "config_hash": self.cfg.fingerprint_hash(), "versions": versions(),
                         "generation": self.generation,
                         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -321,12 +330,39 @@ class Checkpointer:
 
     def load(self, path: Path) -> TrainState:
         manifest = read_manifest(path)
+        how = conversion(manifest, self.cfg, self.acc.num_processes)
         try:
-            self.acc.load_state(str(path))
+            if how is None:
+                self.acc.load_state(str(path))
+            else:
+                self._load_converted(path, how)
+        except ConfigError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise RuntimeError(f"checkpoint {str(path)!r} cannot be loaded ({type(e).__name__}: {e}); "
                                "it may be truncated or corrupt - remove it to resume from the previous one") from e
         return TrainState(**manifest["train_state"])
+
+    def _load_converted(self, path: Path, how: str) -> None:
+        """Another strategy or world size: the portable form (converted once, on rank 0), set into
+        the prepared model/optimizer/scheduler (accelerate's own lists of what it prepared)."""
+        from .portable import PortableSource, ensure_portable
+        from .resume import load_portable
+
+        acc = self.acc
+        if acc.is_main_process:
+            print(f"[train] checkpoint {path} {how}", flush=True)
+            error = None
+            try:
+                ensure_portable(path)
+            except Exception as e:  # noqa: BLE001 - agreed on below, so no rank waits alone
+                error = e
+        else:
+            error = None
+        if self._any_rank(error is not None):
+            raise error or RuntimeError(f"converting {path} failed on rank 0; see its log")
+        src = PortableSource(path / "portable")
+        load_portable(acc, acc._models[0], acc._optimizers[0], acc._schedulers[0], src)
 
 
 def _write_durably(path: Path, text: str) -> None:

@@ -176,7 +176,6 @@ class RunConfig:
             "model": model_id(self.model),
             "seq_len": self.data.seq_len,
             "dataset": self.data.dataset,
-            "strategy_family": strategy_family(self.launch),
             "seed": self.seed,
             # None without LoRA: checkpoints written before this key existed still match
             "lora": f"r={self.model.lora_r} targets={self.model.lora_target_modules}" if self.model.lora_r else None,
