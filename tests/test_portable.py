@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, job_env, read_metrics, train
+from helpers import REPO, job_env, read_metrics, train
 from train.checkpoint import MANIFEST
 from train.portable import native_loads
 
