@@ -140,7 +140,7 @@ def test_a_small_dev_shm_fails_naming_size_and_fix(tmp_path):
     # make exits 2 itself and names the recipe's exit code
     assert p.returncode != 0 and f"Error {exitcodes.PREFLIGHT}" in p.stderr, p.stdout + p.stderr
     line = next(x for x in p.stderr.splitlines() if x.startswith("preflight failed:"))
-    assert re.search(r"node 0 \(host \S+\): shm: /dev/shm 16 MiB free of 16 MiB vs >= 128 MiB free", line), line
+    assert re.search(r"node 0 \(host \S+\): shm: /dev/shm 16 MiB free of 16 MiB vs >= 64 MiB free", line), line
     assert "--shm-size" in line and "emptyDir" in line, line
 
 

@@ -61,7 +61,7 @@ class PreflightConfig:
 
     port: int = setting(0, "TCP port on node 0 for the preflight's short process group; 0 = MASTER_PORT + 1")
     shm_mb_per_gpu: int = setting(512, "free /dev/shm needed per GPU process (NCCL, DataLoader workers)")
-    shm_mb_per_cpu_process: int = setting(64, "free /dev/shm needed per process on CPU (DeepSpeed's shm all-reduce, DataLoader workers)")
+    shm_mb_per_cpu_process: int = setting(32, "free /dev/shm needed per process on CPU (32 MiB: one process fits Docker's default 64 MB; DeepSpeed's shm all-reduce, DataLoader workers)")
     min_stack_mb: int = setting(8, "warn below this stack size limit (ulimit -s)")
     disk_checkpoints: int = setting(2, "free space at OUTPUT_DIR must hold this many checkpoints (the planner's byte counts)")
     gpu_min_peak_fraction: float = setting(0.4, "a GPU whose bf16 matmul runs below this fraction of its datasheet peak fails")
