@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import pytest
 from helpers import PodNetwork, try_network
 
 import helpers as km
-from helpers import REPO, mounts, one, pod_env, render, trainer_container
+from helpers import REPO, free_port, mounts, one, pod_env, render, trainer_container
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +44,6 @@ _STRIP = {"CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GRO
 
 
 # -- the pods' world: network namespaces from tests/helpers.py ------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -169,7 +162,7 @@ def _start_job(cluster: Cluster, net: PodNetwork | None, tmp: Path, master_delay
     resolves `master_delay_s` later: the Kubernetes DNS race, which the launcher must wait out."""
     pods: dict[int, Pod] = {}
     if net is None:
-        overrides = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+        overrides = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                      "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", **overrides}
     order = list(range(1, cluster.n)) + [0]
     for i in order:
@@ -225,7 +218,7 @@ def test_two_pods_train_as_one_job_with_the_losses_of_one_node_two_processes(clu
     # The same config on one node with two processes.
     single_root = tmp_path / "single"
     single = Cluster(single_root)
-    env = single.env(0, NNODES="1", NPROC="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    env = single.env(0, NNODES="1", NPROC="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                      GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo", MAX_STEPS=str(STEPS), LOG_EVERY="1")
     ref = Pod(single.argv(), env, tmp_path / "single.log")
     try:
@@ -323,7 +316,7 @@ class JobController:
 
     def __init__(self, cluster: Cluster, net: PodNetwork | None, tmp: Path, **overrides: str):
         if net is None:  # the loopback stand-in: one address and port for every pod, replacements too
-            overrides = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "GLOO_SOCKET_IFNAME": "lo",
+            overrides = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo",
                          "NCCL_SOCKET_IFNAME": "lo", **overrides}
         self.cluster, self.net, self.tmp, self.overrides = cluster, net, tmp, overrides
         self.spec = cluster.job["spec"]

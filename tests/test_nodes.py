@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from helpers import free_port
 
 from train.config import ConfigError, LaunchConfig, load_config
 from train import exitcodes
@@ -175,14 +176,8 @@ def test_scrub_list_covers_every_node_level_variable():
 
 
 # -- wait_for_master --------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_wait_is_a_no_op_on_the_master_and_on_one_node():
-    port = _free_port()  # nothing listens: a real wait would time out
+    port = free_port()  # nothing listens: a real wait would time out
     start = time.monotonic()
     wait_for_master(NodeSpec(2, 0, "127.0.0.1", port, 1, "indexed-job"), timeout_s=5)
     wait_for_master(NodeSpec(1, 0, "no-such-host.invalid", port, 1, "config"), timeout_s=5)
@@ -200,7 +195,7 @@ def test_wait_returns_once_the_master_listens():
 
 
 def test_wait_keeps_trying_until_the_master_starts_late():
-    port = _free_port()
+    port = free_port()
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
@@ -221,7 +216,7 @@ def test_wait_keeps_trying_until_the_master_starts_late():
 
 
 def test_wait_times_out_on_a_closed_port(capsys):
-    port = _free_port()
+    port = free_port()
     start = time.monotonic()
     with pytest.raises(MasterUnreachable, match=rf"master 127.0.0.1:{port} not reachable after 2 s: .*connect failed"):
         wait_for_master(NodeSpec(2, 1, "127.0.0.1", port, 1, "indexed-job"), timeout_s=2)
@@ -246,7 +241,7 @@ def test_an_unreachable_master_is_not_a_config_error():
 def test_launcher_exits_master_unreachable_when_node_0_never_answers(tmp_path):
     from helpers import REPO, TINY, job_env
 
-    port = _free_port()  # nothing listens
+    port = free_port()  # nothing listens
     settings = {**TINY, "OUTPUT_DIR": str(tmp_path / "run"), "NNODES": "2", "NODE_RANK": "1",
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "launch.master_wait_s": "1",
                 "PREFLIGHT": "off"}  # the preflight's own wait for node 0 says the same (tests/test_preflight.py)
