@@ -28,6 +28,7 @@ import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -237,18 +238,118 @@ def conversion(manifest: dict, cfg: RunConfig, world_size: int) -> str | None:
             "the portable form (weights, Adam moments and step, LR schedule, data cursor move; RNG states do not)")
 
 
+class AsyncWriter:
+    """checkpoint.async_save under FSDP2: what ``accelerator.save_state`` writes, in its layout,
+    with the model and optimizer written in the background.
+
+    accelerate's ``save_fsdp_model`` / ``save_fsdp_optimizer`` write {"model": get_model_state_dict}
+    to ``pytorch_model_fsdp_<i>/`` and {"optimizer": get_optimizer_state_dict} to ``optimizer_<i>/``
+    with torch.distributed.checkpoint (DCP). The same state dicts, taken with the same options, go
+    to ``dcp.async_save`` here, whose stager (the FileSystemWriter) copies them to CPU memory before
+    it returns: training may change the parameters right after. The rest (scheduler, sampler, RNG
+    states) is small and written at once by accelerate's own ``save_accelerator_state``. So
+    ``load_state`` and the portable reader (train/portable.py) read the result unchanged.
+
+    Each background write coordinates over a gloo process group of its own, created here once on
+    every rank: on the default group its collectives would interleave with training's, and the
+    model's and the optimizer's writes run in two threads at once.
+    """
+
+    def __init__(self, cfg: RunConfig, accelerator):
+        from accelerate.utils import DistributedType
+        from torch.distributed.fsdp.fully_sharded_data_parallel import StateDictType
+
+        plugin = accelerator.state.fsdp_plugin
+        if (accelerator.distributed_type != DistributedType.FSDP or plugin.fsdp_version != 2
+                or plugin.state_dict_type != StateDictType.SHARDED_STATE_DICT or not dist.is_initialized()):
+            raise ConfigError("ASYNC_SAVE=true needs FSDP2 with sharded state dicts in a process group "
+                              "(STRATEGY fsdp or fsdp-offload)")
+        self.acc = accelerator
+        timeout = timedelta(seconds=cfg.launch.timeout_s)
+        count = len(accelerator._models) + len(accelerator._optimizers)
+        self.groups = [dist.new_group(backend="gloo", timeout=timeout) for _ in range(count)]
+
+    def start(self, tmp: Path) -> list:
+        """Write ``tmp`` as ``save_state`` would; returns the background writes' futures."""
+        import torch.distributed.checkpoint as dcp
+        from accelerate.checkpointing import save_accelerator_state, save_custom_state
+        from accelerate.utils.constants import FSDP_MODEL_NAME, OPTIMIZER_NAME
+        from accelerate.utils.fsdp_utils import _prepare_sd_options
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        acc = self.acc
+        options = _prepare_sd_options(acc.state.fsdp_plugin)
+        parts = [(f"{FSDP_MODEL_NAME}_{i}", {"model": get_model_state_dict(m, options=options)})
+                 for i, m in enumerate(acc._models)]
+        parts += [(f"{OPTIMIZER_NAME}_{i}", {"optimizer": get_optimizer_state_dict(acc._models[i], opt, options=options)})
+                  for i, opt in enumerate(acc._optimizers)]
+        writes = []
+        for (name, state_dict), group in zip(parts, self.groups):
+            (tmp / name).mkdir(parents=True, exist_ok=True)
+            writes.append(dcp.async_save(state_dict, storage_writer=dcp.FileSystemWriter(str(tmp / name)),
+                                         planner=_save_planner(), process_group=group))
+        # What save_state writes after the FSDP model and optimizer, the same way.
+        for hook in acc._save_model_state_pre_hook.values():
+            hook(acc._models, [], str(tmp))
+        each_node = acc.project_configuration.save_on_each_node
+        save_accelerator_state(str(tmp), [], [], acc._schedulers, acc._dataloaders, acc.state.process_index,
+                               acc.step, acc.scaler, save_on_each_node=each_node)
+        for i, obj in enumerate(acc._custom_objects):
+            save_custom_state(obj, str(tmp), i, save_on_each_node=each_node)
+        acc.project_configuration.iteration += 1
+        return writes
+
+
+def _save_planner():
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    delay = failpoints.async_write_delay()
+    if not delay:
+        return DefaultSavePlanner()
+
+    class SlowPlanner(DefaultSavePlanner):  # a slow disk: the write starts late, training goes on
+        def set_up_planner(self, *args, **kwargs):
+            time.sleep(delay)
+            super().set_up_planner(*args, **kwargs)
+
+    return SlowPlanner()
+
+
+@dataclass
+class _Pending:
+    """A save whose files are (being) written: completed by ``Checkpointer._complete``."""
+
+    tmp: Path
+    final: Path
+    step: int
+    manifest: dict  # rank 0's, taken when the save started ("files" is added on completion)
+    writes: list = field(default_factory=list)  # futures of background writes (checkpoint.async_save)
+
+
 class Checkpointer:
     def __init__(self, cfg: RunConfig, accelerator, extra_manifest: dict):
         self.cfg, self.acc, self.extra = cfg, accelerator, extra_manifest
         self.root = checkpoint_root(cfg)
         self.generation: str | None = None  # set by claim_and_find_resume; None = no ownership checks
+        self.background = AsyncWriter(cfg, accelerator) if cfg.checkpoint.async_save else None
+        self._pending: _Pending | None = None  # an asynchronous save not yet complete
 
     def claim_and_find_resume(self) -> Path | None:
         """Own OUTPUT_DIR from now on and return the checkpoint rank 0 chose (see agree_resume)."""
         self.generation, path = agree_resume(self.cfg, self.acc.num_processes)
         return path
 
-    def save(self, state: TrainState, config_yaml: str) -> Path:
+    def save(self, state: TrainState, config_yaml: str, log=None) -> Path:
+        """Write checkpoint ``step_N``; with ``log`` (a MetricsLog), record how long training was
+        blocked here as {"step": N, "checkpoint_stall_s": seconds} (rank 0's clock).
+
+        With checkpoint.async_save the model and optimizer are written in the background and the
+        checkpoint is completed (manifest, rename, rotation) by ``finalize``: at the next save,
+        before a rollback or load, and at the end of the run. Until then the previous checkpoint
+        is the newest complete one.
+        """
+        t0 = time.perf_counter()
+        self.finalize()  # the previous asynchronous save first: its wait is part of this stall
         acc = self.acc
         final = self.root / f"{PREFIX}{state.step:08d}"
         # Not per generation: a newer gang resumes from a step the older one already saved, so
@@ -261,29 +362,66 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crash
             tmp.mkdir()
         acc.wait_for_everyone()
+        pending = _Pending(tmp, final, state.step, self._manifest(state) if acc.is_main_process else {})
         error = None
         try:
-            acc.save_state(str(tmp))
+            if self.background is not None:
+                pending.writes = self.background.start(tmp)
+            else:
+                acc.save_state(str(tmp))
             if acc.is_main_process:
                 (tmp / "run_config.yaml").write_text(config_yaml)
         except Exception as e:  # noqa: BLE001 - agreed on below, so no rank hangs alone
             error = e
-        failpoints.in_save(state.step)
-        failed = self._any_rank(error is not None)
-        if failed:
-            # A full disk surfaces as obscure stream errors from torch.save; say how much room is left.
-            free = shutil.disk_usage(self.root).free / 2**20
-            raise RuntimeError(f"checkpoint save to {tmp} failed on at least one rank"
-                               + (f": {error}" if error else "; see the other ranks' logs")
-                               + f" ({free:.1f} MiB free at {self.root}); the previous checkpoint is intact") from error
+        self._raise_if_failed(error, tmp)
+        if self.background is not None:
+            self._pending = pending
+        else:
+            self._complete(pending)
+        if log is not None:
+            log.log({"step": state.step, "checkpoint_stall_s": time.perf_counter() - t0})
+        return final
+
+    def finalize(self) -> Path | None:
+        """Complete the pending asynchronous save, if any (a collective: every rank calls it at the
+        same point). Returns the checkpoint it completed."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        error = None
+        for write in pending.writes:
+            try:
+                write.result()
+            except Exception as e:  # noqa: BLE001 - agreed on below
+                error = error or e
+        self._raise_if_failed(error, pending.tmp)
+        self._complete(pending)
+        return pending.final
+
+    def _manifest(self, state: TrainState) -> dict:
+        """Everything of the manifest but the file list, as of now (the save's moment)."""
+        return {"format": FORMAT_VERSION, "step": state.step, "train_state": asdict(state),
+                "world_size": self.acc.num_processes, "form": "native", "fingerprint": self.cfg.fingerprint(),
+                "config_hash": self.cfg.fingerprint_hash(), "versions": versions(), "generation": self.generation,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **self.extra}
+
+    def _raise_if_failed(self, error: Exception | None, tmp: Path) -> None:
+        """Every rank learns whether any rank failed to write (so none waits alone) and raises."""
+        if not self._any_rank(error is not None):
+            return
+        # A full disk surfaces as obscure stream errors from torch.save; say how much room is left.
+        free = shutil.disk_usage(self.root).free / 2**20
+        raise RuntimeError(f"checkpoint save to {tmp} failed on at least one rank"
+                           + (f": {error}" if error else "; see the other ranks' logs")
+                           + f" ({free:.1f} MiB free at {self.root}); the previous checkpoint is intact") from error
+
+    def _complete(self, pending: _Pending) -> None:
+        """The written files become checkpoint step_N: manifest last, rename, rotation."""
+        acc, tmp, final = self.acc, pending.tmp, pending.final
+        failpoints.in_save(pending.step)
         if acc.is_main_process:
-            manifest = {"format": FORMAT_VERSION, "step": state.step, "train_state": asdict(state),
-                        "world_size": acc.num_processes, "form": "native", "fingerprint": self.cfg.fingerprint(),
-                        "config_hash": self.cfg.fingerprint_hash(), "versions": versions(),
-                        "generation": self.generation,
-                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        "files": {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()},
-                        **self.extra}
+            manifest = {**pending.manifest,
+                        "files": {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}}
             _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=2))
         self._step_aside_if_superseded(tmp)
         if acc.is_main_process:
@@ -293,7 +431,6 @@ class Checkpointer:
             _fsync_dir(self.root)
             self._rotate()
         acc.wait_for_everyone()
-        return final
 
     def _step_aside_if_superseded(self, tmp: Path | None) -> None:
         """Exit SUPERSEDED on every rank if another gang has taken OUTPUT_DIR over since we started.
@@ -329,6 +466,7 @@ class Checkpointer:
         return bool(self.acc.reduce(t, "sum").item() > 0)
 
     def load(self, path: Path) -> TrainState:
+        self.finalize()  # never load while a save is still being written
         manifest = read_manifest(path)
         how = conversion(manifest, self.cfg, self.acc.num_processes)
         try:

@@ -139,6 +139,9 @@ class CheckpointConfig:
     export: bool = setting(True, "write OUTPUT_DIR/final (safetensors + config + tokenizer) at the end")
     export_timeout_s: int = setting(3600, "how long the other ranks wait while rank 0 writes the final export (its own bound: DIST_TIMEOUT is for collectives)")
     merge_lora: bool = setting(True, "with LoRA, also write the adapters merged into the model in final/ (the adapter alone goes to final/adapter)")
+    async_save: bool = setting(False, "fsdp, fsdp-offload: write model and optimizer state in the background "
+                               "(torch.distributed.checkpoint.async_save) after a copy to CPU memory; a checkpoint "
+                               "counts once the next save starts or the run ends", env="ASYNC_SAVE")
 
 
 @dataclass

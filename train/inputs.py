@@ -24,6 +24,7 @@ def check_inputs(cfg: RunConfig, world_size: int, device: str) -> None:
     for note in notes(cfg):
         print(f"[config] {note}", flush=True)
     check_device(cfg, device)
+    check_async_save(cfg)
     _, global_batch = resolve_batch(cfg, world_size)
     check_port(cfg)
     tokenizer = check_model(cfg)
@@ -44,6 +45,17 @@ def check_device(cfg: RunConfig, device: str) -> None:
 
         if not torch.cuda.is_bf16_supported():
             raise ConfigError("PRECISION=bf16 is not supported by this GPU; use fp16 or no")
+
+
+def check_async_save(cfg: RunConfig) -> None:
+    """checkpoint.async_save exists where the library saves asynchronously: FSDP2 through
+    torch.distributed.checkpoint (train/checkpoint.py's AsyncWriter)."""
+    strategy = selected_strategy(cfg.launch)
+    if cfg.checkpoint.async_save and (strategy is None or strategy.family != "fsdp"):
+        name = strategy.name if strategy else "from ACCELERATE_CONFIG"
+        raise ConfigError(f"ASYNC_SAVE=true: asynchronous saving needs STRATEGY fsdp or fsdp-offload "
+                          f"(torch.distributed.checkpoint.async_save), this run's is {name}; ddp and DeepSpeed "
+                          "(its decoupled engine needs the async-I/O op) save synchronously: set ASYNC_SAVE=false")
 
 
 def check_port(cfg: RunConfig) -> None:

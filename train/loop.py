@@ -257,7 +257,7 @@ def train(cfg: RunConfig) -> int:
                 break  # the checkpoint after the loop covers both
             if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
                 progress.phase("checkpoint")
-                r.ckpt.save(state, r.config_yaml)
+                r.ckpt.save(state, r.config_yaml, r.log)  # logs the stall: {"step", "checkpoint_stall_s"}
                 last_saved = state.step
         if state.samples_in_epoch >= r.sampler.steps_per_epoch * r.global_batch:
             state.epoch, state.samples_in_epoch = state.epoch + 1, 0
@@ -267,7 +267,8 @@ def train(cfg: RunConfig) -> int:
     r.stop.close()
     progress.phase("checkpoint")
     if last_saved != state.step:
-        r.ckpt.save(state, r.config_yaml)
+        r.ckpt.save(state, r.config_yaml, r.log)
+    r.ckpt.finalize()  # an asynchronous save (checkpoint.async_save) counts once it is written
     if stopped and acc.is_main_process:
         print(f"[train] stop signal received: saved step {state.step}; resume with RESUME=auto", flush=True)
     if not stopped:

@@ -55,7 +55,8 @@ class MetricsLog:
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step" and math.isfinite(v)}
         self.acc.log(scalars, step=record["step"])
         line = " ".join(_fmt(k, record[k]) for k in ("step", "loss", "eval_loss", "lr", "grad_norm",
-                                                       "tokens_per_second", "mfu", "step_time_s", "peak_memory_mb") if k in record)
+                                                       "tokens_per_second", "mfu", "step_time_s", "peak_memory_mb",
+                                                       "checkpoint_stall_s") if k in record)
         if self.bar is not None:
             self.bar.n = record["step"]
             self.bar.set_postfix_str(line, refresh=True)

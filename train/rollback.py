@@ -55,6 +55,7 @@ def roll_back(ckpt, root, state, reason: str, max_rollbacks: int, log):
     if done >= max_rollbacks:
         raise Diverged(f"{reason} at step {state.step}, after {done} rollback(s) (train.max_rollbacks={max_rollbacks}); "
                        "lower optim.lr, raise train.spike_factor, or check the data")
+    ckpt.finalize()  # a checkpoint still being written (checkpoint.async_save) counts from here
     found = complete_checkpoints(root)
     if not found:
         raise Diverged(f"{reason} at step {state.step} and no checkpoint to roll back to; lower optim.lr or check the data")
