@@ -101,6 +101,8 @@ def refused(run, out_dir, *args, fragments, env=None, cwd=REPO, prefix=()):
     (["GLOBAL_BATCH=10", "MICRO_BATCH=4", "NPROC=2"], ["GLOBAL_BATCH=10 is not divisible", "4 x 2 = 8"]),
     (["PRECISION=fp16", "DEVICE=cpu"], ["PRECISION=fp16 needs a CUDA GPU", "bf16"]),
     (["STRATEGY=fsdp-offload", "DEVICE=cpu"], ["STRATEGY=fsdp-offload", "needs a CUDA GPU"]),
+    (["STRATEGY=ddp", "ASYNC_SAVE=true"], ["ASYNC_SAVE=true: asynchronous saving needs STRATEGY fsdp or fsdp-offload",
+                                           "this run's is ddp", "save synchronously"]),
     (["CONFIG=configs/runs/nope.yaml"], ["config file 'configs/runs/nope.yaml' not found"]),
     (["RESUME=/no/such/checkpoint"], ["RESUME='/no/such/checkpoint': no such checkpoint"]),
     (["ACCELERATE_CONFIG=/no/such.yaml"], ["ACCELERATE_CONFIG file '/no/such.yaml' not found"]),

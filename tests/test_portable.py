@@ -97,6 +97,28 @@ def test_the_native_layouts_read_into_the_same_portable_form(runs):
     assert_same_state(ckpt(runs("zero1<zero2"), 4), ckpt(runs("ddp"), 4))
 
 
+def test_async_save_writes_the_checkpoints_a_sync_save_writes_and_resumes(runs, tmp_path):
+    """ASYNC_SAVE=true under fsdp, each background write starting late while training goes on:
+    every checkpoint still holds its own step's state (the CPU copy), counts only once written,
+    has the files of a synchronous save, and load_state resumes from it. Every save's stall is logged."""
+    out, resumed = tmp_path / "async", tmp_path / "resumed"
+    no_export = {**RUN, "checkpoint.export": "false"}
+    train(out, env={"TRAIN_FAILPOINTS": "slow_async_write=0.5"}, STRATEGY="fsdp", NPROC=2, ASYNC_SAVE="true",
+          **no_export)
+    stalls = [r for r in read_metrics(out, raw=True) if "checkpoint_stall_s" in r]
+    assert [r["step"] for r in stalls] == list(range(1, STEPS + 1))
+    assert all(r["checkpoint_stall_s"] > 0 for r in stalls), stalls
+    for s in range(1, STEPS + 1):
+        assert_same_state(ckpt(out, s), ckpt(runs("ddp"), s))
+
+    proc = train(resumed, STRATEGY="fsdp", NPROC=2, RESUME=str(ckpt(out, 3)), **no_export)  # synchronous saves
+    assert f"resumed from {ckpt(out, 3)} at step 3" in proc.stdout and "converting" not in proc.stdout
+    ref = read_metrics(runs("ddp"))
+    assert [r["loss"] for r in read_metrics(resumed)] == pytest.approx([r["loss"] for r in ref[3:]], abs=1e-5, rel=0)
+    files = [{str(f.relative_to(d)) for f in d.rglob("*") if f.is_file()} for d in (ckpt(out, 6), ckpt(resumed, 6))]
+    assert files[0] == files[1] and "pytorch_model_fsdp_0/.metadata" in files[0], files
+
+
 def cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "train", *map(str, args)], cwd=REPO, env=job_env(),
                           capture_output=True, text=True, timeout=timeout)
