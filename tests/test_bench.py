@@ -15,7 +15,7 @@ import pytest
 from helpers import REPO, job_env
 
 SECTIONS = ("## 1. Loop overhead", "## 2. Strategies", "## 3. Data pipeline", "## 4. Memory per rank",
-            "## 5. Precision", "## 6. Launch to first completed step", "## Targets")
+            "## 5. Precision", "## 6. Launch to first completed step", "## 7. Checkpoint stall", "## Targets")
 
 
 def _tables(md: str) -> list[list[str]]:
@@ -42,7 +42,7 @@ def test_quick_bench_writes_a_well_formed_table_and_json(tmp_path):
     positions = [md.find(s) for s in SECTIONS]
     assert all(i >= 0 for i in positions) and positions == sorted(positions), positions
     tables = _tables(md)
-    assert len(tables) == 7  # one per section, targets included
+    assert len(tables) == 8  # one per section, targets included
     for t in tables:
         widths = {line.count("|") for line in t}
         assert len(widths) == 1, t  # every row has the header's number of cells
@@ -67,6 +67,12 @@ def test_quick_bench_writes_a_well_formed_table_and_json(tmp_path):
     assert rep["precision"]["fp32"]["median_step_s"] > 0 and rep["precision"]["bf16"]["median_step_s"] > 0
     assert {r["run"].split(",")[0] for r in rep["startup"]} >= {"ddp", "zero2", "fsdp"}
     assert all(r["first_step_s"] > 0 for r in rep["startup"])
+    stall = rep["checkpoint_stall"]["rows"]
+    assert [(r["strategy"], r["async_save"]) for r in stall] == [("ddp", False), ("zero2", False), ("fsdp", False),
+                                                                   ("fsdp", True)]
+    for r in stall:
+        assert "error_short" not in r and r["saves"] >= 1 and 0 < r["median_stall_s"] <= r["max_stall_s"], r
+    assert stall[-1]["ratio_to_sync"] == pytest.approx(stall[-1]["median_stall_s"] / stall[2]["median_stall_s"])
     assert len(rep["targets"]) == 4 and all(t["met"] is not None for t in rep["targets"])
 
 

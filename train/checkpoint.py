@@ -64,17 +64,16 @@ class TrainState:
 
 
 def versions() -> dict[str, str]:
-    import accelerate
-    import transformers
+    """Installed versions, read from package metadata: importing DeepSpeed just to ask (seconds)
+    would stall the first checkpoint save of a run that does not use it."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "accelerate": accelerate.__version__, "transformers": transformers.__version__}
-    try:
-        import deepspeed
-
-        out["deepspeed"] = deepspeed.__version__
-    except Exception:  # noqa: BLE001 - optional at run time
-        pass
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("accelerate", "transformers", "deepspeed"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:  # deepspeed is optional at run time
+            pass
     return out
 
 

@@ -16,6 +16,9 @@ Sections (what each row means: bench-results/README.md):
      (train/loop.py's ``held_bytes``) vs the ZeRO formulas (train/plan.py's ``held_bytes``).
   5. Precision: fp32 vs bf16 step time and peak memory of our loop (measured, not asserted).
   6. Launch to first completed step, split at the launcher's and the loop's first lines.
+  7. Checkpoint stall: seconds the loop is blocked per checkpoint save (``checkpoint_stall_s``),
+     synchronous for every strategy and, for FSDP, with ``ASYNC_SAVE=true`` (its ratio to
+     synchronous); ``--quick`` reads the one save at the end of each section-2 run.
 
 What is timed: the time between the ends of consecutive optimizer steps, with a host sync
 every step (the loss is read every step: LOG_EVERY=1 for our loop, ``loss.item()`` in the
@@ -61,7 +64,7 @@ def main(argv: list[str]) -> None:
                                      epilog="Other arguments are run-config overrides (MODEL=..., SEQ_LEN=..., "
                                             "MICRO_BATCH=..., DEVICE=...).")
     parser.add_argument("--quick", action="store_true", help="tiniest setting (llama-debug, 32 tokens, 4 sequences), "
-                        "1 round, ddp+zero2+fsdp: a smoke run, not a measurement")
+                        "1 round, ddp+zero2+fsdp (+ fsdp with ASYNC_SAVE=true): a smoke run, not a measurement")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench-results"), help="output directory")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds of the single-process runs")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run")

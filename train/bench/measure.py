@@ -22,12 +22,13 @@ from ..strategies import REPO_ROOT, STRATEGIES
 from .settings import LOOPS, RUN_TIMEOUT_S, BenchSettings
 
 
-def read_metrics(out: Path) -> list[dict]:
-    """The training rows of a run's metrics.jsonl (evaluation rows left out)."""
+def read_metrics(out: Path, key: str = "loss") -> list[dict]:
+    """The rows of a run's metrics.jsonl that hold ``key``: the training rows by default
+    (evaluation rows left out), or e.g. the checkpoint stalls (``checkpoint_stall_s``)."""
     path = out / "metrics.jsonl"
     if not path.exists():
         return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+    return [r for r in map(json.loads, path.read_text().splitlines()) if key in r]
 
 
 # -- child processes --------------------------------------------------------------------------
@@ -88,11 +89,12 @@ def _run_args(s: BenchSettings, out: Path, **over) -> list[str]:
     return [f"{k}={v}" for k, v in args.items()]
 
 
-def run_job(s: BenchSettings, workdir: Path, *, strategy: str, nproc: int = 2, precision: str = "no") -> dict:
+def run_job(s: BenchSettings, workdir: Path, *, strategy: str, nproc: int = 2, precision: str = "no", **over) -> dict:
     """A real job exactly as users start it, ``python -m train`` (launcher -> accelerate launch ->
-    ranks); per-step wall times, tokens/s and held bytes come from its metrics.jsonl."""
+    ranks); per-step wall times, tokens/s, held bytes and the training stall of each checkpoint
+    save (the one at the end, and every CHECKPOINT_EVERY steps) come from its metrics.jsonl."""
     out = Path(tempfile.mkdtemp(prefix=f"job-{strategy}-", dir=workdir))
-    args = _run_args(s, out, NPROC=nproc, STRATEGY=strategy, PRECISION=precision, MASTER_PORT=_free_port())
+    args = _run_args(s, out, NPROC=nproc, STRATEGY=strategy, PRECISION=precision, MASTER_PORT=_free_port(), **over)
     res = _spawn([sys.executable, "-m", "train", *args], _child_env(), RUN_TIMEOUT_S,
                  {"launcher": r"^\[launch\]", "engaged": r"^\[train\] strategy=", "first_step": r"^step=1 "})
     rows = read_metrics(out)
@@ -102,6 +104,7 @@ def run_job(s: BenchSettings, workdir: Path, *, strategy: str, nproc: int = 2, p
               "tokens_per_second": [r["tokens_per_second"] for r in rows][s.burn_in:],
               "losses": [r["loss"] for r in rows],
               "held_bytes": rows[0].get("held_bytes") if rows else None,
+              "checkpoint_stalls": [r["checkpoint_stall_s"] for r in read_metrics(out, "checkpoint_stall_s")],
               "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
               "threads": max(1, (os.cpu_count() or 1) // nproc) if s.device == "cpu" else None}  # launcher's rule
     if res["rc"] != 0 or len(rows) < s.steps:
@@ -208,6 +211,24 @@ def collect(s: BenchSettings, cfg: RunConfig, workdir: Path, log) -> dict:
         if "error" in r:
             log(f"  {name} failed: {r['error'][:2000]}")
 
+    # 7: the training stall per checkpoint save, synchronous and (FSDP) asynchronous. Quick: every
+    # run of section 2 saved once, at its end (that does not touch its step times); one FSDP run
+    # alike with ASYNC_SAVE=true. Otherwise runs of their own that save every few steps.
+    stall = []
+    every = 0 if s.quick else max(1, s.steps // 4)
+    for name in s.strategies if two else []:
+        for async_save in ((False, True) if STRATEGIES[name].family == "fsdp" else (False,)):
+            if every == 0 and not async_save:
+                r = next(j for j in jobs if j["strategy"] == name)
+            else:
+                log(f"checkpoint stall: {name}, {'asynchronous' if async_save else 'synchronous'} saves")
+                r = run_job(s, workdir, strategy=name, CHECKPOINT_EVERY=every, ASYNC_SAVE=str(async_save).lower(),
+                            KEEP_CHECKPOINTS=2)
+                r["load"] = os.getloadavg()[0]
+                if "error" in r:
+                    log(f"  {name} failed: {r['error'][:2000]}")
+            stall.append({"strategy": name, "async_save": async_save, "checkpoint_every": every, "run": r})
+
     # 3
     log("data efficiency")
-    return {"single": single, "jobs": jobs, "two_processes": two, "data": data_efficiency(cfg)}
+    return {"single": single, "jobs": jobs, "stall": stall, "two_processes": two, "data": data_efficiency(cfg)}

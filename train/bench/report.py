@@ -131,8 +131,31 @@ def summarize(raw: dict, s: BenchSettings, cfg: RunConfig) -> dict:
     return {"model": {"name": s.model, "params": shape.params, "matmul_params": shape.matmul_params,
                       "flops_per_token": fpt},
             "loop_overhead": overhead, "strategies": strategies, "data": data, "memory": {"rows": memory_rows},
-            "precision": precision, "startup": startup, "targets": _targets(overhead, data, memory_rows),
-            "settings": s.to_dict()}
+            "precision": precision, "startup": startup, "checkpoint_stall": _stall(raw.get("stall", []), s),
+            "targets": _targets(overhead, data, memory_rows), "settings": s.to_dict()}
+
+
+def _stall(runs: list[dict], s: BenchSettings) -> dict:
+    """7: median seconds the loop is blocked per checkpoint save; asynchronous / synchronous per strategy."""
+    rows = []
+    for v in runs:
+        r = v["run"]
+        stalls = r.get("checkpoint_stalls") or []
+        row = {"strategy": v["strategy"], "async_save": v["async_save"], "checkpoint_every": v["checkpoint_every"],
+               "saves": len(stalls), "median_stall_s": _median(stalls), "max_stall_s": max(stalls, default=None),
+               "stalls": stalls, "median_step_s": _median(r.get("step_times", []))}
+        if "error" in r or not stalls:
+            row["error_short"] = f"failed ({r.get('rc')})" if "error" in r else "no save measured"
+        rows.append(row)
+    sync = {r["strategy"]: r["median_stall_s"] for r in rows if not r["async_save"]}
+    for r in rows:
+        if r["async_save"]:
+            base = sync.get(r["strategy"])
+            r["ratio_to_sync"] = r["median_stall_s"] / base if base and r["median_stall_s"] else None
+    every = runs[0]["checkpoint_every"] if runs else None
+    how = ("each run of section 2 saves once, at its end; the asynchronous run is the same run with ASYNC_SAVE=true"
+           if every == 0 else f"runs of {s.steps} steps of their own, saving every {every} steps (and at the end)")
+    return {"rows": rows, "checkpoint_every": every, "how": how, "precision": "no (fp32)"}
 
 
 def _strip(r: dict) -> dict:
@@ -376,6 +399,21 @@ def render_markdown(rep: dict) -> str:
     rows = [[r["run"], _fmt(r.get("launcher_s"), ".1f"), _fmt(r.get("engaged_s"), ".1f"), _fmt(r.get("first_step_s"), ".1f"),
              r["runs"]] for r in rep["startup"]]
     out += _md_table(["run", "launcher (s)", "engaged / model built (s)", "first step (s)", "runs"], rows)
+    # 7
+    c = rep["checkpoint_stall"]
+    out += ["", "## 7. Checkpoint stall: training blocked per save", "",
+            f"2 processes, global batch {st['global_batch']}, {c['precision']}: {c['how']}. Stall = wall seconds the "
+            "loop spends in the save call on rank 0 (`checkpoint_stall_s` in metrics.jsonl), including the wait for "
+            "the previous asynchronous save's write. Asynchronous = `ASYNC_SAVE=true` (FSDP only): the model and "
+            "optimizer are copied to CPU memory and written in the background.", ""]
+    rows = [[r["strategy"], "asynchronous" if r["async_save"] else "synchronous", r["saves"],
+             _fmt(r["median_stall_s"], ".4f"), _fmt(r["max_stall_s"], ".4f"),
+             _fmt(r.get("ratio_to_sync"), ".3f") if r["async_save"] else "-", _fmt(r["median_step_s"], ".4f"),
+             r.get("error_short", "ok")] for r in c["rows"]]
+    out += _md_table(["strategy", "save", "saves measured", "median stall (s)", "max stall (s)", "async / sync",
+                      "median step (s)", "status"], rows)
+    if st.get("note"):
+        out += ["", st["note"]]
     out += ["", "## Targets", ""]
     rows = [[t["target"], t["value"], "met" if t["met"] else ("not met" if t["met"] is False else "n/a"), t["note"]]
             for t in rep["targets"]]
