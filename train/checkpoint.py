@@ -258,8 +258,8 @@ class AsyncWriter:
         from accelerate.utils import DistributedType
         from torch.distributed.fsdp.fully_sharded_data_parallel import StateDictType
 
-        plugin = accelerator.state.fsdp_plugin
-        if (accelerator.distributed_type != DistributedType.FSDP or plugin.fsdp_version != 2
+        plugin = getattr(accelerator.state, "fsdp_plugin", None)
+        if (accelerator.distributed_type != DistributedType.FSDP or plugin is None or plugin.fsdp_version != 2
                 or plugin.state_dict_type != StateDictType.SHARDED_STATE_DICT or not dist.is_initialized()):
             raise ConfigError("ASYNC_SAVE=true needs FSDP2 with sharded state dicts in a process group "
                               "(STRATEGY fsdp or fsdp-offload)")
