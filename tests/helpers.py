@@ -577,7 +577,7 @@ def flat(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
-# -- a job's worker processes and the 2-node emulation (test_hang, test_restart, test_faults, test_multinode)
+# -- a job's worker processes and the 2-node emulation (test_hang, test_restart, test_faults)
 def workers_of(output_dir: Path) -> list[psutil.Process]:
     """Every live worker process of the run writing to ``output_dir`` (wherever it was re-parented)."""
     found = []

@@ -31,7 +31,8 @@ def _tables(md: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_quick_bench_writes_a_well_formed_table_and_json(tmp_path):
-    cmd = [sys.executable, "-m", "train", "bench", "--quick", "--out", str(tmp_path)]
+    # two strategies keep it short: one that replicates, one that shards (and saves asynchronously)
+    cmd = [sys.executable, "-m", "train", "bench", "--quick", "--strategies", "ddp,fsdp", "--out", str(tmp_path)]
     p = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, f"{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
     mds, jsons = sorted(tmp_path.glob("*.md")), sorted(tmp_path.glob("*.json"))
@@ -58,21 +59,20 @@ def test_quick_bench_writes_a_well_formed_table_and_json(tmp_path):
         assert v["failed"] == 0 and v["median_step_s"] > 0 and v["median_cpu_s"] > 0, (key, v)
     assert rep["loop_overhead"]["loss_parity_max_abs_diff"] is not None
     rows = rep["strategies"]["rows"]
-    assert [r["strategy"] for r in rows] == ["ddp", "zero2", "fsdp"]
+    assert [r["strategy"] for r in rows] == ["ddp", "fsdp"]
     assert all(r["tokens_per_second"] > 0 and "error_short" not in r for r in rows), rows
     assert rep["data"]["packed"]["useful_fraction"] == 1.0
-    assert [r["strategy"] for r in rep["memory"]["rows"]] == ["ddp", "zero2", "fsdp"]
+    assert [r["strategy"] for r in rep["memory"]["rows"]] == ["ddp", "fsdp"]
     for r in rep["memory"]["rows"]:
         assert all(r[cat]["measured"] > 0 and r[cat]["formula"] > 0 for cat in ("parameters", "gradients", "optimizer"))
     assert rep["precision"]["fp32"]["median_step_s"] > 0 and rep["precision"]["bf16"]["median_step_s"] > 0
-    assert {r["run"].split(",")[0] for r in rep["startup"]} >= {"ddp", "zero2", "fsdp"}
+    assert {r["run"].split(",")[0] for r in rep["startup"]} >= {"ddp", "fsdp"}
     assert all(r["first_step_s"] > 0 for r in rep["startup"])
     stall = rep["checkpoint_stall"]["rows"]
-    assert [(r["strategy"], r["async_save"]) for r in stall] == [("ddp", False), ("zero2", False), ("fsdp", False),
-                                                                   ("fsdp", True)]
+    assert [(r["strategy"], r["async_save"]) for r in stall] == [("ddp", False), ("fsdp", False), ("fsdp", True)]
     for r in stall:
         assert "error_short" not in r and r["saves"] >= 1 and 0 < r["median_stall_s"] <= r["max_stall_s"], r
-    assert stall[-1]["ratio_to_sync"] == pytest.approx(stall[-1]["median_stall_s"] / stall[2]["median_stall_s"])
+    assert stall[-1]["ratio_to_sync"] == pytest.approx(stall[-1]["median_stall_s"] / stall[1]["median_stall_s"])
     assert len(rep["targets"]) == 4 and all(t["met"] is not None for t in rep["targets"])
 
 

@@ -38,9 +38,16 @@ def kill_worker_and_time_the_restart(out, job, rank: int, at_step: int) -> float
     raise AssertionError(f"no step after the restart:\n{output(job)[-4000:]}")
 
 
-def test_a_worker_killed_at_step_7_is_restarted_and_the_curve_equals_an_uninterrupted_run(tmp_path):
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    train(ref, **RUN)
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    """The uninterrupted run: one machine, two processes."""
+    out = tmp_path_factory.mktemp("ref")
+    train(out, **RUN)
+    return out
+
+
+def test_a_worker_killed_at_step_7_is_restarted_and_the_curve_equals_an_uninterrupted_run(ref, tmp_path):
+    run = tmp_path / "run"
     job = start(run, env=SLOW, **RUN)
     took = kill_worker_and_time_the_restart(run, job, rank=1, at_step=7)
     job.wait(timeout=300)
@@ -56,9 +63,10 @@ def test_a_worker_killed_at_step_7_is_restarted_and_the_curve_equals_an_uninterr
     assert json.loads((newest / MANIFEST).read_text())["events"] == {"restart": 1}
 
 
-def test_two_machines_a_worker_killed_on_node_1_restarts_both_nodes_and_the_run_finishes(tmp_path):
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    train(ref, **RUN)
+def test_two_machines_a_worker_killed_on_node_1_restarts_both_nodes_and_the_run_finishes(ref, tmp_path):
+    """`make train NNODES=2 NODE_RANK=0/1 MASTER_ADDR=127.0.0.1`, one process each: one job,
+    restarted on both machines, whose curve is one machine's with two processes."""
+    run = tmp_path / "run"
     port = free_port()
     extra = {k: str(v) for k, v in RUN.items()}
     nodes = [make_train(run, r, port, env=SLOW, **extra) for r in (0, 1)]
@@ -68,6 +76,7 @@ def test_two_machines_a_worker_killed_on_node_1_restarts_both_nodes_and_the_run_
     outs = [output(n) for n in nodes]
     print(f"2 nodes: kill -9 of rank 1 -> first step after the restart: {took:.1f} s")
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert "node 1/2" in outs[1] and "world_size=2" in outs[0]
     assert losses(run) == pytest.approx(losses(ref), abs=1e-5, rel=0)
     assert [e["event"] for e in events(run)] == ["restart"]
 
