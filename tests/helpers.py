@@ -43,6 +43,15 @@ TINY = {"MODEL": "llama-debug", "SEQ_LEN": "32", "MICRO_BATCH": "4", "LOG_EVERY"
         "log.tensorboard": "false", "optim.warmup_steps": "2"}
 
 
+def shape_of(*overrides: str):
+    """(run config, the planner's model shape) for these overrides, as ``python -m train plan`` sees them."""
+    from train.config import load_config
+    from train.plan import load_model_config, model_shape
+
+    cfg = load_config(list(overrides))
+    return cfg, model_shape(load_model_config(cfg), cfg.model.name)
+
+
 # -- training jobs ------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:

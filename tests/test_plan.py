@@ -8,18 +8,14 @@ import json
 
 import pytest
 
-from train.config import load_config
 from train.plan import (COST_ORDER, GiB, Row, activation_bytes, held_bytes, load_model_config, main, make_plan,
-                        model_shape, recommend)
+                        recommend)
 from train.strategies import GRADS, OPTIM, PARAMS, STRATEGIES
+
+from helpers import shape_of
 
 
 P, N = 1000, 4
-
-
-def shape_of(*overrides: str):
-    cfg = load_config(list(overrides))
-    return cfg, model_shape(load_model_config(cfg), cfg.model.name)
 
 
 # -- formulas ----------------------------------------------------------------------------------

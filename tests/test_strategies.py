@@ -16,11 +16,10 @@ import pytest
 import torch
 
 from train.checkpoint import MANIFEST, complete_checkpoints
-from train.plan import held_bytes, load_model_config, model_shape
-from train.config import load_config
+from train.plan import held_bytes
 from train.strategies import GRADS, OPTIM, PARAMS, STRATEGIES
 
-from helpers import kill_tree, losses, read_metrics, start, train, wait_for_step
+from helpers import kill_tree, losses, read_metrics, shape_of, start, train, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -84,8 +83,8 @@ def test_planner_matches_bytes_measured_per_rank_within_10_percent(strategy, run
     """One run per sharding family: the loop's held_bytes (rank 0, right before the first
     optimizer step) against the planner's numbers (train/plan.py) for the same model and N=2."""
     measured = _held(runs(strategy)[0])
-    cfg = load_config(["MODEL=llama-debug", "SEQ_LEN=32"])
-    planned = held_bytes(strategy, model_shape(load_model_config(cfg), cfg.model.name).params, 2, cfg.train.precision)
+    cfg, shape = shape_of("MODEL=llama-debug", "SEQ_LEN=32")
+    planned = held_bytes(strategy, shape.params, 2, cfg.train.precision)
     for cat in (PARAMS, GRADS, OPTIM):
         assert measured[cat] == pytest.approx(planned[cat], rel=0.10), (cat, measured, planned)
 
