@@ -5,6 +5,7 @@ number is asserted here beyond being measured (the targets live in the report it
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -58,6 +59,12 @@ def test_quick_bench_writes_a_well_formed_table_and_json(tmp_path):
         v = rep["loop_overhead"][key]
         assert v["failed"] == 0 and v["median_step_s"] > 0 and v["median_cpu_s"] > 0, (key, v)
     assert rep["loop_overhead"]["loss_parity_max_abs_diff"] is not None
+    runs = rep["loop_overhead"]["runs"]
+    if len(os.sched_getaffinity(0)) >= 2:  # on CPU each loop runs beside a plain-loop run, on the other core
+        for key in ("ours", "plain-ddp", "trainer", "ours-bf16"):
+            for r in runs[key]:
+                p = runs["plain"][r["partner"]]
+                assert r["core"] != p["core"] and r["started"] < p["ended"] and p["started"] < r["ended"], (key, r, p)
     rows = rep["strategies"]["rows"]
     assert [r["strategy"] for r in rows] == ["ddp", "fsdp"]
     assert all(r["tokens_per_second"] > 0 and "error_short" not in r for r in rows), rows

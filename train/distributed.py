@@ -112,7 +112,8 @@ def deepspeed_config(strategy: Strategy, cfg: RunConfig, grad_accum: int, world_
 def build_accelerator(cfg: RunConfig, strategy: Strategy | None, grad_accum: int, world_size: int,
                       hidden_size: int, device: str, log_dir: str):
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import (DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs,
+                                  ProjectConfiguration)
 
     if device == "cpu" and strategy is not None and strategy.family == "fsdp":
         from .cpu_fsdp import allow_fsdp_on_cpu
@@ -134,13 +135,16 @@ def build_accelerator(cfg: RunConfig, strategy: Strategy | None, grad_accum: int
             kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**fsdp)
     pg = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.launch.timeout_s),
                                 backend="gloo" if device == "cpu" else None)
+    # DDP: gradients live in the all-reduce buckets instead of being copied in and out of them
+    # every step (one gradient-sized copy less of memory and of work; accelerate leaves it off).
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True)
     accelerator = Accelerator(
         mixed_precision=cfg.train.precision,
         gradient_accumulation_steps=grad_accum,
         cpu=device == "cpu" and (strategy is None or strategy.family == "ddp"),
         log_with=tracker_names(cfg) or None,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=log_dir),
-        kwargs_handlers=[pg],
+        kwargs_handlers=[pg, ddp],
         step_scheduler_with_optimizer=False,
         dynamo_backend="inductor" if cfg.model.compile else None,  # model.compile: torch.compile via accelerate
         **kwargs,

@@ -23,8 +23,9 @@ columns are what train/loop.py measures per rank as ``held_bytes`` (optimizer = 
 moments), and ``make bench`` compares them with measured runs. Offload strategies hold the
 same bytes in CPU RAM instead (column ``offloaded``) and only working buffers on the GPU.
 
-``buffers`` are working memory that is not state: DDP's gradient buckets (a second copy of
-the gradients: accelerate leaves ``gradient_as_bucket_view`` off), DeepSpeed's reduce bucket
+``buffers`` are working memory that is not state: for DDP only autocast's 16-bit weight copies
+(its gradients are views into the all-reduce buckets: ``gradient_as_bucket_view``, set in
+train/distributed.py), DeepSpeed's reduce bucket
 (hidden² elements, set in train/distributed.py), and for ZeRO-3/FSDP the gathered full
 weights of the live layers (FSDP2 also keeps the root module - embeddings, head - gathered).
 
@@ -191,8 +192,8 @@ def buffer_bytes(strategy: Strategy, shape: ModelShape, precision: str, reduce_b
     half = precision in ("bf16", "fp16")
     compute = 2 if half else 4  # dtype weights are gathered in
     _, g, _, _ = _bytes_per_param(strategy, precision)
-    if strategy.family == "ddp":  # gradient buckets (a second copy of the gradients); autocast's weight cache
-        return shape.params * g + (shape.matmul_params * 2 if half else 0)
+    if strategy.family == "ddp":  # autocast's weight cache (the gradient buckets are the gradients)
+        return shape.matmul_params * 2 if half else 0
     if strategy.family == "deepspeed" and strategy.zero_stage in (1, 2):
         return reduce_bucket * g
     biggest = max(shape.layer_params, shape.vocab * shape.hidden)

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..config import RunConfig
@@ -49,11 +50,14 @@ def _child_env(extra: dict | None = None) -> dict:
     return env
 
 
-def _spawn(cmd: list[str], env: dict, timeout: float, marks: dict[str, str]) -> dict:
-    """Run a command; timestamp (seconds after start) the first stdout line matching each mark."""
-    t0 = time.perf_counter()
+def _spawn(cmd: list[str], env: dict, timeout: float, marks: dict[str, str], core: int | None = None) -> dict:
+    """Run a command (on one ``core`` if given); timestamp (seconds after start) the first stdout
+    line matching each mark."""
+    t0, started = time.perf_counter(), time.time()
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+    if core is not None:  # (not preexec_fn: the bench starts two runs from two threads)
+        os.sched_setaffinity(proc.pid, {core})  # before the interpreter starts any thread of its own
     seen: dict[str, float] = {}
     tail: list[str] = []
 
@@ -75,7 +79,8 @@ def _spawn(cmd: list[str], env: dict, timeout: float, marks: dict[str, str]) -> 
         proc.wait()
         rc = "timeout"
     reader.join(timeout=10)
-    return {"rc": rc, "wall_s": time.perf_counter() - t0, "marks": seen, "tail": "".join(tail)}
+    return {"rc": rc, "wall_s": time.perf_counter() - t0, "marks": seen, "tail": "".join(tail),
+            "started": started, "ended": time.time()}
 
 
 def _run_args(s: BenchSettings, out: Path, **over) -> list[str]:
@@ -112,7 +117,7 @@ def run_job(s: BenchSettings, workdir: Path, *, strategy: str, nproc: int = 2, p
     return result
 
 
-def run_single(kind: str, s: BenchSettings, workdir: Path, precision: str = "no") -> dict:
+def run_single(kind: str, s: BenchSettings, workdir: Path, precision: str = "no", core: int | None = None) -> dict:
     """One single-process run of ``kind`` (ours | plain | plain-ddp | trainer), ``bench --worker KIND``.
 
     All get the same ``OMP_NUM_THREADS`` / ``torch.set_num_threads``. ``ours`` and
@@ -133,8 +138,10 @@ def run_single(kind: str, s: BenchSettings, workdir: Path, precision: str = "no"
            "--steps", str(s.steps), "--threads", str(s.threads),
            *_run_args(s, out, PRECISION=precision, NPROC=1, STRATEGY="ddp")]
     res = _spawn(cmd, _child_env(env), RUN_TIMEOUT_S,
-                 {"engaged": r"^(\[train\] strategy=|\[bench\] built)", "first_step": r"^(step=1 |\[bench\] step 1 )"})
-    result = {"kind": kind, "precision": precision, "rc": res["rc"], "wall_s": res["wall_s"], "marks": res["marks"]}
+                 {"engaged": r"^(\[train\] strategy=|\[bench\] built)", "first_step": r"^(step=1 |\[bench\] step 1 )"},
+                 core)
+    result = {"kind": kind, "precision": precision, "rc": res["rc"], "wall_s": res["wall_s"], "marks": res["marks"],
+              "started": res["started"], "ended": res["ended"], "core": core}
     try:
         data = json.loads(result_path.read_text())
     except (OSError, ValueError):
@@ -185,20 +192,35 @@ def _cuda_count() -> int:
 def collect(s: BenchSettings, cfg: RunConfig, workdir: Path, log) -> dict:
     """Every run of the bench: {"single": {kind: [run, ...]}, "jobs": [run, ...], "data": {...},
     "two_processes": bool}. Each run is the raw result of one process, with the load average."""
-    # 1 + 5: alternate the single-process loops; order reversed every other round.
+    # 1 + 5: alternate the single-process loops; order reversed every other round. With two
+    # cores (CPU), each loop runs beside a plain-loop run, its "partner": the ratio to plain
+    # is taken between runs that saw the same machine (BenchSettings.pair_cores).
     order = [*LOOPS, "ours-bf16"]
     single: dict[str, list[dict]] = {k: [] for k in order}
+
+    def one(key: str, core: int | None = None) -> dict:
+        r = run_single("ours", s, workdir, "bf16", core) if key == "ours-bf16" else run_single(key, s, workdir, core=core)
+        r["load"] = os.getloadavg()[0]
+        if "error" in r:
+            log(f"  {key} failed: {r['error'][:2000]}")
+        return r
+
     for rnd in range(s.rounds):
-        for key in (order if rnd % 2 == 0 else order[::-1]):
-            log(f"round {rnd + 1}/{s.rounds}: {key}")
-            if key == "ours-bf16":
-                r = run_single("ours", s, workdir, precision="bf16")
-            else:
-                r = run_single(key, s, workdir)
-            r["load"] = os.getloadavg()[0]
-            single[key].append(r)
-            if "error" in r:
-                log(f"  {key} failed: {r['error'][:2000]}")
+        keys = order if rnd % 2 == 0 else order[::-1]
+        if s.pair_cores is None:
+            for key in keys:
+                log(f"round {rnd + 1}/{s.rounds}: {key}")
+                single[key].append(one(key))
+            continue
+        a, b = s.pair_cores if rnd % 2 == 0 else s.pair_cores[::-1]
+        for key in (k for k in keys if k != "plain"):
+            log(f"round {rnd + 1}/{s.rounds}: {key} on core {a}, beside the plain loop on core {b}")
+            with ThreadPoolExecutor(2) as pool:
+                run, partner = pool.submit(one, key, a), pool.submit(one, "plain", b)
+                run, partner = run.result(), partner.result()
+            run["partner"] = len(single["plain"])  # index of the plain run beside it
+            single["plain"].append(partner)
+            single[key].append(run)
 
     # 2 + 4: every strategy with 2 processes at the same global batch.
     jobs = []

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 QUICK = {"MODEL": "llama-debug", "SEQ_LEN": "32", "MICRO_BATCH": "4"}
-TARGET_OVERHEAD = 1.02  # our loop's median step time / the plain loop's
+TARGET_OVERHEAD = 1.01  # our loop's median step time / the plain loop's
 TARGET_USEFUL = 0.999
 TARGET_MEMORY = 0.05  # |measured / formula - 1| for N=2
 RUN_TIMEOUT_S = 600
@@ -31,6 +32,15 @@ class BenchSettings:
         """The clock the ratios use: process CPU time with one thread per process on CPU (on a shared
         CPU the wall clock also measures the neighbours), wall time otherwise."""
         return "cpu" if self.device == "cpu" and self.threads == 1 else "wall"
+
+    @property
+    def pair_cores(self) -> tuple[int, int] | None:
+        """On CPU with one thread per run: the two cores a section-1 loop and a plain-loop run
+        share, one each, at the same time (swapped every other round). Runs minutes apart on a
+        shared machine differ by up to +-30% in CPU time per step (neighbours, frequency); two
+        runs side by side see the same machine. None: one run at a time."""
+        cores = sorted(os.sched_getaffinity(0))
+        return (cores[0], cores[1]) if self.primary == "cpu" and len(cores) >= 2 else None
 
     @property
     def tokens_per_step(self) -> int:  # of a single-process run
