@@ -32,7 +32,7 @@ def _logged(out) -> dict:
     series = {}
     for r in read_metrics(out, raw=True):
         for k, v in r.items():
-            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+            if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
                 series.setdefault(k, []).append((r["step"], v))
     return series
 

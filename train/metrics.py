@@ -52,7 +52,8 @@ class MetricsLog:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()  # read while the run goes on (tests, tail -f); a kill loses no finished line
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step" and math.isfinite(v)}
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")
+                   and math.isfinite(v)}  # (trackers stamp their own time)
         self.acc.log(scalars, step=record["step"])
         line = " ".join(_fmt(k, record[k]) for k in ("step", "loss", "eval_loss", "lr", "grad_norm",
                                                        "tokens_per_second", "mfu", "step_time_s", "peak_memory_mb",
@@ -186,7 +187,7 @@ class MetricsWindow:
                   "slowest_rank": max(range(world), key=own_times.__getitem__),
                   "peak_memory_mb": peak_memory_mb(self.acc.device),
                   "epoch": state.epoch, "tokens_seen": state.tokens_seen,
-                  "sample_hash": int(sum(r[1] for r in ranks))}
+                  "sample_hash": int(sum(r[1] for r in ranks)), "time": time.time()}  # rank 0's clock, unix s
         if self.peak_flops is not None:
             record["mfu"] = mfu(record["tokens_per_second_per_device"], self.flops_per_token, self.peak_flops)
         if held is not None:

@@ -72,6 +72,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--strategies", default=None, help="comma-separated (default: every strategy this device runs)")
     parser.add_argument("--worker", choices=("ours", "plain", "plain-ddp", "trainer"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--until", help=argparse.SUPPRESS)  # a partner run: stop once this file exists
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of every single-process run (default: 1 on CPU, where 2 threads on a "
                              "busy 2-core machine make step times erratic; all cores on CUDA)")
@@ -81,7 +82,8 @@ def main(argv: list[str]) -> None:
         from .loops import WORKERS
 
         cfg = load_config(rest)
-        result = WORKERS[args.worker](cfg, args.steps, args.threads or 1)
+        until = {"until": args.until} if args.until else {}
+        result = WORKERS[args.worker](cfg, args.steps, args.threads or 1, **until)
         Path(args.result).write_text(json.dumps(result))
         sys.stdout.flush()
         os._exit(0)

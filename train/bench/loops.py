@@ -2,13 +2,15 @@
 process: our loop (train/loop.py's ``train()``, untouched), a minimal plain-PyTorch loop (also
 inside the DDP wrapper accelerate puts around ours in a 1-process job) and HF ``Trainer``.
 
-Each returns per-step wall and process CPU times (``step_times``, ``cpu_times``), losses,
-thread count and peak memory. All are timed by train/metrics.py's ``StepTimer``.
+Each returns per-step wall and process CPU times (``step_times``, ``cpu_times``), the unix time
+each step ended (``ends``), losses, thread count and peak memory. All are timed by
+train/metrics.py's ``StepTimer``.
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 from ..config import RunConfig
@@ -20,7 +22,7 @@ class Laps:
     """Every lap of a StepTimer, kept: per-step wall and CPU seconds."""
 
     def __init__(self, device):
-        self.device, self.wall, self.cpu = device, [], []
+        self.device, self.wall, self.cpu, self.ends = device, [], [], []
 
     def start(self) -> None:
         self.timer = StepTimer(self.device)
@@ -29,11 +31,13 @@ class Laps:
         lap = self.timer.lap()
         self.wall.append(lap.wall)
         self.cpu.append(lap.cpu)
+        self.ends.append(time.time())
 
 
 def ours_loop(cfg: RunConfig, steps: int, threads: int) -> dict:
     """train/loop.py's ``train()`` as it is: with LOG_EVERY=1 each metrics.jsonl row is one step,
-    with the loop's own wall (``step_time_s``) and process CPU time (``cpu_time_per_step_s``)."""
+    with the loop's own wall (``step_time_s``) and process CPU time (``cpu_time_per_step_s``) and
+    the time it was logged."""
     import torch
 
     from ..loop import train
@@ -42,7 +46,7 @@ def ours_loop(cfg: RunConfig, steps: int, threads: int) -> dict:
     train(cfg)
     rows = read_metrics(Path(cfg.output_dir))
     return {"step_times": [r["step_time_s"] for r in rows], "cpu_times": [r["cpu_time_per_step_s"] for r in rows],
-            "losses": [r["loss"] for r in rows], "threads": torch.get_num_threads(),
+            "ends": [r["time"] for r in rows], "losses": [r["loss"] for r in rows], "threads": torch.get_num_threads(),
             "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None)}
 
 
@@ -64,8 +68,10 @@ def _setup(cfg: RunConfig, threads: int):
     return torch, device, model, splits
 
 
-def plain_loop(cfg: RunConfig, steps: int, threads: int, ddp: bool = False) -> dict:
+def plain_loop(cfg: RunConfig, steps: int, threads: int, ddp: bool = False, until: str | None = None) -> dict:
     """The minimal loop: same model, data order, optimizer, schedule and clipping as ours.
+    ``until``: stop early once that file exists (a partner run beside another loop, which
+    runs until that loop is done).
 
     ``ddp=True`` wraps the model in DistributedDataParallel over a process group of one,
     which is what accelerate does to our loop in a 1-process job: the difference between
@@ -89,7 +95,14 @@ def plain_loop(cfg: RunConfig, steps: int, threads: int, ddp: bool = False) -> d
     batches = iter(loader)
     clock.start()
     for step in range(1, steps + 1):
-        x = next(batches)["input_ids"].to(device, non_blocking=True)
+        if until and Path(until).exists():
+            break
+        try:
+            x = next(batches)
+        except StopIteration:  # a partner (``until``) can outrun one epoch
+            batches = iter(loader)
+            x = next(batches)
+        x = x["input_ids"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=half):
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
@@ -101,7 +114,7 @@ def plain_loop(cfg: RunConfig, steps: int, threads: int, ddp: bool = False) -> d
         clock.lap()
         if step == 1:
             print("[bench] step 1 done", flush=True)
-    return {"step_times": clock.wall, "cpu_times": clock.cpu, "losses": losses, "threads": torch.get_num_threads(),
+    return {"step_times": clock.wall, "cpu_times": clock.cpu, "ends": clock.ends, "losses": losses, "threads": torch.get_num_threads(),
             "peak_memory_mb": peak_memory_mb(device)}
 
 
@@ -146,7 +159,7 @@ def trainer_loop(cfg: RunConfig, steps: int, threads: int) -> dict:
         trainer = Trainer(model=model, args=args, train_dataset=Blocks(), data_collator=collate, callbacks=[Clock()])
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_times": clock.wall, "cpu_times": clock.cpu, "losses": losses, "threads": torch.get_num_threads(),
+    return {"step_times": clock.wall, "cpu_times": clock.cpu, "ends": clock.ends, "losses": losses, "threads": torch.get_num_threads(),
             "peak_memory_mb": peak_memory_mb(device)}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..config import RunConfig
 from ..nodes import LAUNCHER_SCRUB_VARS
 from ..strategies import REPO_ROOT, STRATEGIES
-from .settings import LOOPS, RUN_TIMEOUT_S, BenchSettings
+from .settings import LOOPS, PARTNER, RUN_TIMEOUT_S, BenchSettings
 
 
 def read_metrics(out: Path, key: str = "loss") -> list[dict]:
@@ -117,7 +117,8 @@ def run_job(s: BenchSettings, workdir: Path, *, strategy: str, nproc: int = 2, p
     return result
 
 
-def run_single(kind: str, s: BenchSettings, workdir: Path, precision: str = "no", core: int | None = None) -> dict:
+def run_single(kind: str, s: BenchSettings, workdir: Path, precision: str = "no", core: int | None = None,
+               until: Path | None = None) -> dict:
     """One single-process run of ``kind`` (ours | plain | plain-ddp | trainer), ``bench --worker KIND``.
 
     All get the same ``OMP_NUM_THREADS`` / ``torch.set_num_threads``. ``ours`` and
@@ -134,8 +135,10 @@ def run_single(kind: str, s: BenchSettings, workdir: Path, precision: str = "no"
         env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), ENV_EXPECTED_WORLD: "1",
                     "ACCELERATE_MIXED_PRECISION": precision})
-    cmd = [sys.executable, "-m", "train", "bench", "--worker", kind, "--result", str(result_path),
-           "--steps", str(s.steps), "--threads", str(s.threads),
+    # A partner runs until ``until`` exists: through the whole of the run beside it (at most 10x the steps).
+    partner = ["--until", str(until)] if until else []
+    cmd = [sys.executable, "-m", "train", "bench", "--worker", kind, "--result", str(result_path), *partner,
+           "--steps", str(s.steps * 10 if until else s.steps), "--threads", str(s.threads),
            *_run_args(s, out, PRECISION=precision, NPROC=1, STRATEGY="ddp")]
     res = _spawn(cmd, _child_env(env), RUN_TIMEOUT_S,
                  {"engaged": r"^(\[train\] strategy=|\[bench\] built)", "first_step": r"^(step=1 |\[bench\] step 1 )"},
@@ -149,9 +152,22 @@ def run_single(kind: str, s: BenchSettings, workdir: Path, precision: str = "no"
     result.update(data)
     result["step_times"] = data.get("step_times", [])[s.burn_in:]
     result["cpu_times"] = data.get("cpu_times", [])[s.burn_in:]
-    if res["rc"] != 0 or len(data.get("step_times", [])) < s.steps:
+    result["ends"] = data.get("ends", [])[s.burn_in:]
+    if res["rc"] != 0 or (len(data.get("step_times", [])) < s.steps and not until):
         result["error"] = f"exit {res['rc']}:\n{res['tail'][-3000:]}"
     return result
+
+
+def _keep_beside(partner: dict, run: dict) -> None:
+    """Keep only the partner's steps that ran while ``run`` ran its timed steps."""
+    if "error" in partner or "error" in run or not run["ends"]:
+        return
+    start, end = run["ends"][0] - run["step_times"][0], run["ends"][-1]
+    keep = [i for i, (t, w) in enumerate(zip(partner["ends"], partner["step_times"])) if t - w >= start and t <= end]
+    for k in ("step_times", "cpu_times", "ends"):
+        partner[k] = [partner[k][i] for i in keep]
+    if not keep:
+        partner["error"] = "no step of the plain loop ran while the run beside it ran its timed steps"
 
 
 # -- data efficiency ------------------------------------------------------------------------
@@ -198,8 +214,9 @@ def collect(s: BenchSettings, cfg: RunConfig, workdir: Path, log) -> dict:
     order = [*LOOPS, "ours-bf16"]
     single: dict[str, list[dict]] = {k: [] for k in order}
 
-    def one(key: str, core: int | None = None) -> dict:
-        r = run_single("ours", s, workdir, "bf16", core) if key == "ours-bf16" else run_single(key, s, workdir, core=core)
+    def one(key: str, core: int | None = None, until: Path | None = None) -> dict:
+        r = run_single("ours", s, workdir, "bf16", core) if key == "ours-bf16" else \
+            run_single(key, s, workdir, core=core, until=until)
         r["load"] = os.getloadavg()[0]
         if "error" in r:
             log(f"  {key} failed: {r['error'][:2000]}")
@@ -213,13 +230,17 @@ def collect(s: BenchSettings, cfg: RunConfig, workdir: Path, log) -> dict:
                 single[key].append(one(key))
             continue
         a, b = s.pair_cores if rnd % 2 == 0 else s.pair_cores[::-1]
-        for key in (k for k in keys if k != "plain"):
+        for key in (k for k in keys if k != PARTNER):
             log(f"round {rnd + 1}/{s.rounds}: {key} on core {a}, beside the plain loop on core {b}")
-            with ThreadPoolExecutor(2) as pool:
-                run, partner = pool.submit(one, key, a), pool.submit(one, "plain", b)
-                run, partner = run.result(), partner.result()
-            run["partner"] = len(single["plain"])  # index of the plain run beside it
-            single["plain"].append(partner)
+            done = workdir / f"done-{rnd}-{key}"
+            with ThreadPoolExecutor(1) as pool:
+                partner = pool.submit(one, PARTNER, b, done)
+                run = one(key, a)
+                done.touch()
+                partner = partner.result()
+            _keep_beside(partner, run)
+            run["partner"] = len(single[PARTNER])  # index of the plain run beside it
+            single[PARTNER].append(partner)
             single[key].append(run)
 
     # 2 + 4: every strategy with 2 processes at the same global batch.

@@ -11,6 +11,7 @@ TARGET_USEFUL = 0.999
 TARGET_MEMORY = 0.05  # |measured / formula - 1| for N=2
 RUN_TIMEOUT_S = 600
 LOOPS = ("ours", "plain-ddp", "plain", "trainer")  # the single-process loops of section 1
+PARTNER = "plain"  # on CPU, the loop that runs beside each of the others (BenchSettings.pair_cores)
 
 
 @dataclass
