@@ -135,10 +135,11 @@ def run_single(kind: str, s: BenchSettings, workdir: Path, precision: str = "no"
         env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), ENV_EXPECTED_WORLD: "1",
                     "ACCELERATE_MIXED_PRECISION": precision})
-    # A partner runs until ``until`` exists: through the whole of the run beside it (at most 10x the steps).
+    # A partner runs until ``until`` exists: through the whole of the run beside it, however long
+    # that one's start-up takes (RUN_TIMEOUT_S bounds it).
     partner = ["--until", str(until)] if until else []
     cmd = [sys.executable, "-m", "train", "bench", "--worker", kind, "--result", str(result_path), *partner,
-           "--steps", str(s.steps * 10 if until else s.steps), "--threads", str(s.threads),
+           "--steps", str(10**9 if until else s.steps), "--threads", str(s.threads),
            *_run_args(s, out, PRECISION=precision, NPROC=1, STRATEGY="ddp")]
     res = _spawn(cmd, _child_env(env), RUN_TIMEOUT_S,
                  {"engaged": r"^(\[train\] strategy=|\[bench\] built)", "first_step": r"^(step=1 |\[bench\] step 1 )"},
