@@ -23,6 +23,11 @@ import sys
 import time
 import psutil
 import pytest
+
+# No test reaches the Hugging Face hub (this machine and CI cannot). huggingface_hub reads this
+# once, when first imported: set it before any test imports transformers in this process, or a
+# later in-process launch retries the network for ~40 s instead of failing offline at once.
+os.environ["HF_HUB_OFFLINE"] = "1"
 import yaml
 import signal
 import socket
