@@ -23,15 +23,16 @@ import sys
 import time
 import psutil
 import pytest
-
-# No test reaches the Hugging Face hub (this machine and CI cannot). huggingface_hub reads this
-# once, when first imported: set it before any test imports transformers in this process, or a
-# later in-process launch retries the network for ~40 s instead of failing offline at once.
-os.environ["HF_HUB_OFFLINE"] = "1"
 import yaml
 import signal
 import socket
-from train.nodes import LAUNCHER_SCRUB_VARS
+
+# No test reaches the Hugging Face hub (this machine and CI cannot). huggingface_hub reads this
+# once, when first imported: set it before anything imports it in this process (a later
+# in-process launch would retry the network for ~40 s instead of failing offline at once), and
+# every job a test starts inherits it (job_env).
+os.environ["HF_HUB_OFFLINE"] = "1"
+from train.nodes import LAUNCHER_SCRUB_VARS  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,7 +71,6 @@ def job_env(extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in (*LAUNCHER_SCRUB_VARS, "MASTER_ADDR")}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
     env["PYTHONUNBUFFERED"] = "1"
-    env["HF_HUB_OFFLINE"] = "1"
     env.update(extra or {})
     return env
 

@@ -25,9 +25,9 @@ same bytes in CPU RAM instead (column ``offloaded``) and only working buffers on
 
 ``buffers`` are working memory that is not state: for DDP only autocast's 16-bit weight copies
 (its gradients are views into the all-reduce buckets: ``gradient_as_bucket_view``, set in
-train/distributed.py), DeepSpeed's reduce bucket
-(hidden² elements, set in train/distributed.py), and for ZeRO-3/FSDP the gathered full
-weights of the live layers (FSDP2 also keeps the root module - embeddings, head - gathered).
+train/distributed.py), DeepSpeed's reduce bucket (hidden² elements, set in
+train/distributed.py), and for ZeRO-3/FSDP the gathered full weights of the live layers (FSDP2
+also keeps the root module - embeddings, head - gathered).
 
 Activations are an estimate for the sequence length and micro-batch (Korthikanti et al.
 2022 style, counted for a Llama block with SDPA attention and checked against the tensors
