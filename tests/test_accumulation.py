@@ -77,11 +77,14 @@ def test_accumulation_and_ranks_give_the_same_curve_as_one_big_batch(tmp_path):
         "accumulated": dict(NPROC=1, MICRO_BATCH=2, GRAD_ACCUM=4),
         "two_ranks": dict(NPROC=2, MICRO_BATCH=2, GRAD_ACCUM=2),
     }
-    curves = {}
+    curves, printed = {}, {}
     for name, settings in runs.items():
         out = tmp_path / name
-        train(out, MAX_STEPS=4, CHECKPOINT_EVERY=0, **{"checkpoint.export": "false"}, **settings)
+        printed[name] = train(out, MAX_STEPS=4, CHECKPOINT_EVERY=0, **{"checkpoint.export": "false"}, **settings).stdout
         curves[name] = losses(out)
+    # One process is not wrapped in DDP (an all-reduce with itself each step), two are.
+    assert "[train] model prepared as LlamaForCausalLM" in printed["one_batch"]
+    assert "[train] model prepared as DistributedDataParallel" in printed["two_ranks"]
     assert len(curves["one_batch"]) == 4
     assert curves["accumulated"] == pytest.approx(curves["one_batch"], abs=1e-5, rel=0)
     assert curves["two_ranks"] == pytest.approx(curves["one_batch"], abs=1e-5, rel=0)

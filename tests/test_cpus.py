@@ -17,9 +17,24 @@ from pathlib import Path
 import pytest
 
 from train.cpus import available_cpus, cgroup_cpu_limit
+from train.distributed import worker_env
+from train.strategies import STRATEGIES
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_V1 = Path("/sys/fs/cgroup/cpu")
+
+# Bytes glibc keeps free in its heap after a 20 MiB tensor is freed, printed by a fresh process.
+HEAP_KEPT_AFTER_FREE = (
+    "import ctypes, torch\n"
+    "class MallInfo(ctypes.Structure):\n"
+    "    _fields_ = [(n, ctypes.c_int) for n in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd',\n"
+    "                                           'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]\n"
+    "libc = ctypes.CDLL(None)\n"
+    "libc.mallinfo.restype = MallInfo\n"
+    "x = torch.ones(5 * 2**20)\n"
+    "del x\n"
+    "print(libc.mallinfo().fordblks)\n"
+)
 
 # What the launcher passes to accelerate for one process per node, printed by a fresh process.
 LAUNCH_THREADS = (
@@ -32,8 +47,10 @@ LAUNCH_THREADS = (
 )
 
 
-def run_python(code: str, *, cgroup: Path | None = None, cpus: set[int] | None = None) -> str:
-    """Run `code` in a new process placed in `cgroup` and/or pinned to `cpus` before Python starts."""
+def run_python(code: str, *, cgroup: Path | None = None, cpus: set[int] | None = None,
+               env: dict | None = None) -> str:
+    """Run `code` in a new process placed in `cgroup` and/or pinned to `cpus` before Python starts,
+    with `env` as its environment (this one's by default)."""
     def place():
         if cgroup is not None:
             (cgroup / "cgroup.procs").write_text(str(os.getpid()))
@@ -41,7 +58,7 @@ def run_python(code: str, *, cgroup: Path | None = None, cpus: set[int] | None =
             os.sched_setaffinity(0, cpus)
 
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                       preexec_fn=place, env={**os.environ, "PYTHONPATH": str(REPO)})
+                       preexec_fn=place, env={**(os.environ if env is None else env), "PYTHONPATH": str(REPO)})
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout.strip()
 
@@ -116,3 +133,17 @@ def test_inside_a_container_the_namespaced_root_is_read(tmp_path):
     (tmp_path / "cgroup").write_text("0::/\n")
     (tmp_path / "mountinfo").write_text(f"30 23 0:26 / {root} ro - cgroup2 cgroup rw\n")
     assert cgroup_cpu_limit(tmp_path / "cgroup", tmp_path / "mountinfo") == 2.5
+
+
+def test_cpu_workers_keep_a_freed_step_in_the_heap(monkeypatch):
+    """glibc's default hands a freed block of this size back to the kernel, so the next step takes
+    it again in page faults; CPU workers keep it. A GLIBC_TUNABLES of the user's own wins, and
+    GPU workers (whose tensors are not in malloc's heap) get nothing."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    workers = {**plain, **worker_env(STRATEGIES["ddp"], "cpu")}
+    assert int(run_python(HEAP_KEPT_AFTER_FREE, env=workers)) >= 20 * 2**20
+    assert int(run_python(HEAP_KEPT_AFTER_FREE, env=plain)) < 20 * 2**20
+    assert "GLIBC_TUNABLES" not in worker_env(STRATEGIES["ddp"], "cuda")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0")
+    assert "GLIBC_TUNABLES" not in worker_env(STRATEGIES["fsdp"], "cpu")

@@ -24,7 +24,8 @@ from .checkpoint import Checkpointer, TrainState, checkpoint_root, export_final
 from . import lora
 from .config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
 from .distributed import (ENV_DEVICE, HeldBytes, HeldBytesProbe, align_scheduler, build_accelerator,
-                          check_engaged, check_sharded, fused_adamw, optimizer_step_skipped, resolve_device)
+                          check_engaged, check_sharded, fused_adamw, optimizer_step_skipped, prepare_alone,
+                          resolve_device)
 from .flops import device_peak_flops, flops_per_token
 from .metrics import MetricsLog, MetricsWindow
 from .model import build_model, is_preset, load_tokenizer, model_config, param_count
@@ -172,8 +173,11 @@ def setup(cfg: RunConfig) -> Run:
     sampler = data_mod.GlobalCursorSampler(len(splits.train), global_batch, cfg.seed)
     loader = data_mod.train_loader(splits.train, sampler, cfg.train.micro_batch, cfg.data)
     evals = data_mod.eval_loader(splits.eval, cfg.train.micro_batch)
+    model = prepare_alone(acc, model)
     model, optimizer, loader, evals, scheduler = acc.prepare(model, optimizer, loader, evals, scheduler)
     align_scheduler(scheduler, optimizer)
+    if acc.is_main_process:  # e.g. DistributedDataParallel, FSDPLlamaForCausalLM, DeepSpeedEngine
+        print(f"[train] model prepared as {type(model).__name__}", flush=True)
     start_trackers(acc, cfg, {k: v for k, v in _flat(cfg.redacted()).items() if isinstance(v, (int, float, str, bool))})
 
     ckpt = Checkpointer(cfg, acc, {"strategy": strategy_name(cfg.launch), "global_batch": global_batch})

@@ -5,8 +5,8 @@
 
 Sections (what each row means: bench-results/README.md):
   1. Loop overhead: our loop (train/loop.py) vs a minimal plain-PyTorch loop vs HF
-     ``Trainer``, plus the plain loop inside the DDP wrapper accelerate puts around ours in
-     a 1-process job - same ``build_model``, packed data, micro-batch, seq_len, precision
+     ``Trainer``, plus the plain loop inside the process group of one that ours has in a
+     1-process job - same ``build_model``, packed data, micro-batch, seq_len, precision
      and torch thread count; one process per run, kinds alternating (A B C D, then D C B A,
      ...), burn-in steps excluded, medians of all rounds' steps and per-round ratios.
   2. Strategies: tokens/s of every strategy with 2 processes at the same global batch,
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
     parser.add_argument("--burn-in", type=int, default=None, help="first steps of each run not timed")
     parser.add_argument("--strategies", default=None, help="comma-separated (default: every strategy this device runs)")
-    parser.add_argument("--worker", choices=("ours", "plain", "plain-ddp", "trainer"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("ours", "plain", "plain-pg", "trainer"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--until", help=argparse.SUPPRESS)  # a partner run: stop once this file exists
     parser.add_argument("--threads", type=int, default=None,

@@ -1,6 +1,6 @@
 """The single-process loops of section 1, each run inside its own ``bench --worker KIND``
 process: our loop (train/loop.py's ``train()``, untouched), a minimal plain-PyTorch loop (also
-inside the DDP wrapper accelerate puts around ours in a 1-process job) and HF ``Trainer``.
+inside a process group of one, as torchrun starts ours in a 1-process job) and HF ``Trainer``.
 
 Each returns per-step wall and process CPU times (``step_times``, ``cpu_times``), the unix time
 each step ended (``ends``), losses, thread count and peak memory. All are timed by
@@ -16,6 +16,7 @@ from pathlib import Path
 from ..config import RunConfig
 from ..metrics import StepTimer, peak_memory_mb
 from .measure import read_metrics
+from .settings import stepping
 
 
 class Laps:
@@ -68,22 +69,22 @@ def _setup(cfg: RunConfig, threads: int):
     return torch, device, model, splits
 
 
-def plain_loop(cfg: RunConfig, steps: int, threads: int, ddp: bool = False, until: str | None = None) -> dict:
+def plain_loop(cfg: RunConfig, steps: int, threads: int, group: bool = False, until: str | None = None) -> dict:
     """The minimal loop: same model, data order, optimizer, schedule and clipping as ours.
     ``until``: stop early once that file exists (a partner run beside another loop, which
-    runs until that loop is done).
+    runs until that loop is done); its first step done, it creates ``stepping(until)``.
 
-    ``ddp=True`` wraps the model in DistributedDataParallel over a process group of one,
-    which is what accelerate does to our loop in a 1-process job: the difference between
-    the two plain variants is the cost of that wrapper, not of our loop.
+    ``group=True`` joins a process group of one first (gloo on CPU), which our loop has in a
+    1-process job (torchrun; the model is not DDP-wrapped, train/distributed.py's
+    ``prepare_alone``): the difference between the two plain variants is the cost of that
+    group (gloo's transport thread wakes every 10 ms), not of our loop.
     """
     from .. import data as data_mod
     from ..loop import build_optimizer, build_scheduler
 
     torch, device, model, splits = _setup(cfg, threads)
-    if ddp:
+    if group:
         torch.distributed.init_process_group("gloo" if device.type == "cpu" else "nccl")
-        model = torch.nn.parallel.DistributedDataParallel(model)
     mb = cfg.train.micro_batch
     sampler = data_mod.GlobalCursorSampler(len(splits.train), mb, cfg.seed)
     loader = data_mod.train_loader(splits.train, sampler, mb, cfg.data)
@@ -114,6 +115,8 @@ def plain_loop(cfg: RunConfig, steps: int, threads: int, ddp: bool = False, unti
         clock.lap()
         if step == 1:
             print("[bench] step 1 done", flush=True)
+            if until:
+                stepping(until).touch()
     return {"step_times": clock.wall, "cpu_times": clock.cpu, "ends": clock.ends, "losses": losses, "threads": torch.get_num_threads(),
             "peak_memory_mb": peak_memory_mb(device)}
 
@@ -164,4 +167,4 @@ def trainer_loop(cfg: RunConfig, steps: int, threads: int) -> dict:
 
 
 WORKERS = {"ours": ours_loop, "plain": plain_loop, "trainer": trainer_loop,
-           "plain-ddp": lambda cfg, steps, threads: plain_loop(cfg, steps, threads, ddp=True)}
+           "plain-pg": lambda cfg, steps, threads: plain_loop(cfg, steps, threads, group=True)}

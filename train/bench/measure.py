@@ -20,7 +20,7 @@ from pathlib import Path
 from ..config import RunConfig
 from ..nodes import LAUNCHER_SCRUB_VARS
 from ..strategies import REPO_ROOT, STRATEGIES
-from .settings import LOOPS, PARTNER, RUN_TIMEOUT_S, BenchSettings
+from .settings import LOOPS, PARTNER, RUN_TIMEOUT_S, BenchSettings, stepping
 
 
 def read_metrics(out: Path, key: str = "loss") -> list[dict]:
@@ -119,18 +119,19 @@ def run_job(s: BenchSettings, workdir: Path, *, strategy: str, nproc: int = 2, p
 
 def run_single(kind: str, s: BenchSettings, workdir: Path, precision: str = "no", core: int | None = None,
                until: Path | None = None) -> dict:
-    """One single-process run of ``kind`` (ours | plain | plain-ddp | trainer), ``bench --worker KIND``.
+    """One single-process run of ``kind`` (ours | plain | plain-pg | trainer), ``bench --worker KIND``.
 
-    All get the same ``OMP_NUM_THREADS`` / ``torch.set_num_threads``. ``ours`` and
-    ``plain-ddp`` also get the environment torchrun gives a 1-process job (what
-    ``python -m train NPROC=1`` runs under: a gloo group of one, DDP-wrapped by accelerate).
+    All get the same ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` and, on CPU, the malloc
+    settings our workers get (``cpu_allocator_env``): the loops differ, their allocator does
+    not. ``ours`` and ``plain-pg`` also get the environment torchrun gives a 1-process job
+    (what ``python -m train NPROC=1`` runs under: a gloo group of one).
     """
-    from ..distributed import ENV_EXPECTED_WORLD, worker_env
+    from ..distributed import ENV_EXPECTED_WORLD, cpu_allocator_env, worker_env
 
     out = Path(tempfile.mkdtemp(prefix=f"{kind}-{precision}-", dir=workdir))
     result_path = out / "bench-result.json"
-    env = {"OMP_NUM_THREADS": str(s.threads)}
-    if kind in ("ours", "plain-ddp"):
+    env = {"OMP_NUM_THREADS": str(s.threads), **(cpu_allocator_env() if s.device == "cpu" else {})}
+    if kind in ("ours", "plain-pg"):
         env.update(worker_env(STRATEGIES["ddp"], s.device))
         env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), ENV_EXPECTED_WORLD: "1",
@@ -236,6 +237,10 @@ def collect(s: BenchSettings, cfg: RunConfig, workdir: Path, log) -> dict:
             done = workdir / f"done-{rnd}-{key}"
             with ThreadPoolExecutor(1) as pool:
                 partner = pool.submit(one, PARTNER, b, done)
+                # The run starts once its partner is taking steps: a loop that starts up faster
+                # than the plain loop could otherwise finish a short run before its partner began.
+                while not stepping(done).exists() and not partner.done():
+                    time.sleep(0.05)
                 run = one(key, a)
                 done.touch()
                 partner = partner.result()

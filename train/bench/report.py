@@ -317,7 +317,7 @@ def render_markdown(rep: dict) -> str:
              "also measures the other jobs' load (both are shown)." if cpu else ""), ""]
     rows = []
     labels = {"ours": "our loop (train/loop.py, 1 process)",
-              "plain-ddp": "plain loop + DDP wrapper (world of 1)",
+              "plain-pg": "plain loop in a process group of 1",
               "plain": "plain PyTorch loop", "trainer": "HF `Trainer`"}
     for key in LOOPS:
         v = o[key]
@@ -335,9 +335,11 @@ def render_markdown(rep: dict) -> str:
     if parity is not None:
         out += ["", f"Same work? max |our loss - plain loss| over the {o['parity_steps']} shared steps: {parity:.2e} "
                   "(same seed, initial weights, data order, optimizer, schedule and clipping)."]
-    out += ["", "`plain loop + DDP wrapper` is the plain loop with the model wrapped the way accelerate wraps ours in "
-              "a 1-process job (`python -m train NPROC=1`: torchrun, a process group of one, DDP): the gap from "
-              "`plain` is that wrapper's cost, the gap from it to ours is the loop's own.", ""]
+    out += ["", "`plain loop in a process group of 1` is the plain loop inside the gloo group ours has in a "
+              "1-process job (`python -m train NPROC=1`: torchrun, a process group of one; the model is not "
+              "DDP-wrapped): the gap from `plain` is that group's cost, the gap from it to ours is the loop's own. "
+              + ("Every loop ran with the malloc settings our CPU workers get (`GLIBC_TUNABLES`, "
+                 "train/distributed.py's `cpu_allocator_env`)." if s["device"] == "cpu" else ""), ""]
     # 2
     st = rep["strategies"]
     out += ["## 2. Strategies: 2 processes, same global batch", "",

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 QUICK = {"MODEL": "llama-debug", "SEQ_LEN": "32", "MICRO_BATCH": "4"}
 TARGET_OVERHEAD = 1.01  # our loop's median step time / the plain loop's
 TARGET_USEFUL = 0.999
 TARGET_MEMORY = 0.05  # |measured / formula - 1| for N=2
 RUN_TIMEOUT_S = 600
-LOOPS = ("ours", "plain-ddp", "plain", "trainer")  # the single-process loops of section 1
+LOOPS = ("ours", "plain-pg", "plain", "trainer")  # the single-process loops of section 1
 PARTNER = "plain"  # on CPU, the loop that runs beside each of the others (BenchSettings.pair_cores)
+
+
+def stepping(until: str | Path) -> Path:
+    """The file a partner run (``bench --worker plain --until FILE``) creates once it takes steps."""
+    return Path(f"{until}.stepping")
+
 
 
 @dataclass
