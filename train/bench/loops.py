@@ -126,7 +126,7 @@ def trainer_loop(cfg: RunConfig, steps: int, threads: int) -> dict:
     from torch.utils.data import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from ..data import collate
+    from .. import data as data_mod
 
     torch, device, model, splits = _setup(cfg, threads)
 
@@ -149,6 +149,10 @@ def trainer_loop(cfg: RunConfig, steps: int, threads: int) -> dict:
             if state.global_step == 1:
                 print("[bench] step 1 done", flush=True)
 
+    class SameOrder(Trainer):  # our sampler: the same batches, in the same order, as the other loops
+        def _get_train_sampler(self, train_dataset=None):
+            return data_mod.GlobalCursorSampler(len(splits.train), cfg.train.micro_batch, cfg.seed)
+
     opt = cfg.optim
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
@@ -159,7 +163,7 @@ def trainer_loop(cfg: RunConfig, steps: int, threads: int) -> dict:
             logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=cfg.seed,
             use_cpu=device.type == "cpu", bf16=cfg.train.precision == "bf16", dataloader_num_workers=0,
             optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch")
-        trainer = Trainer(model=model, args=args, train_dataset=Blocks(), data_collator=collate, callbacks=[Clock()])
+        trainer = SameOrder(model=model, args=args, train_dataset=Blocks(), data_collator=data_mod.collate, callbacks=[Clock()])
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"step_times": clock.wall, "cpu_times": clock.cpu, "ends": clock.ends, "losses": losses, "threads": torch.get_num_threads(),
