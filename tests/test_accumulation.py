@@ -3,6 +3,8 @@ with the loss a per-token mean over the whole effective batch (transformers#2472
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -56,6 +58,24 @@ def test_accumulated_update_equals_the_full_batch_update(accelerator_factory):
     micro = [{"input_ids": ids[i:i + 2], "labels": labels[i:i + 2]} for i in range(0, 8, 2)]
     forward_backward(model, micro, acc)
     torch.testing.assert_close(_grads(model), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_the_logits_are_freed_before_the_backward_pass(accelerator_factory):
+    """Only the loss outlives the forward pass: the logits (micro-batch x seq_len x vocab, the
+    largest activation at a real vocabulary) are not held through the backward pass, as HF
+    Trainer does not hold them."""
+    acc = accelerator_factory(2)
+    model = acc.prepare(build_model(ModelConfig(name="llama-debug"), 640))
+    alive_at_backward = []
+
+    def watch(module, args, kwargs, output):
+        logits = weakref.ref(output.logits)
+        output.loss.register_hook(lambda grad: alive_at_backward.append(logits() is not None))
+
+    model.register_forward_hook(watch, with_kwargs=True)
+    ids, labels = _batch()
+    forward_backward(model, [{"input_ids": ids[:4], "labels": labels[:4]}, {"input_ids": ids[4:], "labels": labels[4:]}], acc)
+    assert alive_at_backward == [False, False]
 
 
 def test_averaging_micro_batch_means_would_differ(accelerator_factory):

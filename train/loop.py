@@ -85,9 +85,11 @@ def forward_backward(model, micro: list[dict], acc, waiting=nullcontext) -> torc
     total = torch.zeros((), device=acc.device)
     for b in micro:
         with acc.accumulate(model):
-            out = model(input_ids=b["input_ids"], labels=b["labels"], num_items_in_batch=items)
-            acc.backward(out.loss)
-        total += out.loss.detach()
+            # Keep the loss only: the output's logits (micro-batch x seq_len x vocab) are freed
+            # before the backward pass instead of held through it.
+            loss = model(input_ids=b["input_ids"], labels=b["labels"], num_items_in_batch=items).loss
+            acc.backward(loss)
+        total += loss.detach()
     return total
 
 
