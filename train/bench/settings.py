@@ -20,7 +20,6 @@ def stepping(until: str | Path) -> Path:
     return Path(f"{until}.stepping")
 
 
-
 @dataclass
 class BenchSettings:
     model: str
