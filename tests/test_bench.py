@@ -65,6 +65,9 @@ def test_quick_bench_writes_a_well_formed_table_and_json(tmp_path):
             for r in runs[key]:
                 p = runs["plain"][r["partner"]]
                 assert r["core"] != p["core"] and r["started"] < p["ended"] and p["started"] < r["ended"], (key, r, p)
+                # both take their first step together: the partner waits until the run reaches its loop
+                run_loop, partner_step1 = r["started"] + r["marks"]["stepping"], p["started"] + p["marks"]["first_step"]
+                assert run_loop <= partner_step1 < run_loop + 30, (key, run_loop, partner_step1)
     rows = rep["strategies"]["rows"]
     assert [r["strategy"] for r in rows] == ["ddp", "fsdp"]
     assert all(r["tokens_per_second"] > 0 and "error_short" not in r for r in rows), rows

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..config import RunConfig
 from ..metrics import StepTimer, peak_memory_mb
 from .measure import read_metrics
-from .settings import stepping
+from .settings import go, ready
 
 
 class Laps:
@@ -71,8 +71,8 @@ def _setup(cfg: RunConfig, threads: int):
 
 def plain_loop(cfg: RunConfig, steps: int, threads: int, group: bool = False, until: str | None = None) -> dict:
     """The minimal loop: same model, data order, optimizer, schedule and clipping as ours.
-    ``until``: stop early once that file exists (a partner run beside another loop, which
-    runs until that loop is done); its first step done, it creates ``stepping(until)``.
+    ``until``: a partner run beside another loop. Built, it creates ``ready(until)`` and waits for
+    ``go(until)`` (that loop is about to step), then steps until ``until`` exists (that loop is done).
 
     ``group=True`` joins a process group of one first (gloo on CPU), which our loop has in a
     1-process job (torchrun; the model is not DDP-wrapped, train/distributed.py's
@@ -94,6 +94,11 @@ def plain_loop(cfg: RunConfig, steps: int, threads: int, group: bool = False, un
     clock, losses = Laps(device), []
     model.train()
     batches = iter(loader)
+    if until:
+        ready(until).touch()
+        while not go(until).exists() and not Path(until).exists():
+            time.sleep(0.01)
+    print("[bench] stepping", flush=True)
     clock.start()
     for step in range(1, steps + 1):
         if until and Path(until).exists():
@@ -115,8 +120,6 @@ def plain_loop(cfg: RunConfig, steps: int, threads: int, group: bool = False, un
         clock.lap()
         if step == 1:
             print("[bench] step 1 done", flush=True)
-            if until:
-                stepping(until).touch()
     return {"step_times": clock.wall, "cpu_times": clock.cpu, "ends": clock.ends, "losses": losses, "threads": torch.get_num_threads(),
             "peak_memory_mb": peak_memory_mb(device)}
 
@@ -142,6 +145,7 @@ def trainer_loop(cfg: RunConfig, steps: int, threads: int) -> dict:
 
     class Clock(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
+            print("[bench] stepping", flush=True)
             clock.start()
 
         def on_step_end(self, args, state, control, **kw):

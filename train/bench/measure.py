@@ -20,7 +20,7 @@ from pathlib import Path
 from ..config import RunConfig
 from ..nodes import LAUNCHER_SCRUB_VARS
 from ..strategies import REPO_ROOT, STRATEGIES
-from .settings import LOOPS, PARTNER, RUN_TIMEOUT_S, BenchSettings, stepping
+from .settings import LOOPS, PARTNER, RUN_TIMEOUT_S, BenchSettings, go, ready
 
 
 def read_metrics(out: Path, key: str = "loss") -> list[dict]:
@@ -50,9 +50,10 @@ def _child_env(extra: dict | None = None) -> dict:
     return env
 
 
-def _spawn(cmd: list[str], env: dict, timeout: float, marks: dict[str, str], core: int | None = None) -> dict:
+def _spawn(cmd: list[str], env: dict, timeout: float, marks: dict[str, str], core: int | None = None,
+           on_mark=None) -> dict:
     """Run a command (on one ``core`` if given); timestamp (seconds after start) the first stdout
-    line matching each mark."""
+    line matching each mark, and call ``on_mark(name)`` then."""
     t0, started = time.perf_counter(), time.time()
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -69,6 +70,8 @@ def _spawn(cmd: list[str], env: dict, timeout: float, marks: dict[str, str], cor
             for name, pattern in marks.items():
                 if name not in seen and re.search(pattern, line):
                     seen[name] = now
+                    if on_mark:
+                        on_mark(name)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -118,13 +121,16 @@ def run_job(s: BenchSettings, workdir: Path, *, strategy: str, nproc: int = 2, p
 
 
 def run_single(kind: str, s: BenchSettings, workdir: Path, precision: str = "no", core: int | None = None,
-               until: Path | None = None) -> dict:
+               until: Path | None = None, beside: Path | None = None) -> dict:
     """One single-process run of ``kind`` (ours | plain | plain-pg | trainer), ``bench --worker KIND``.
 
     All get the same ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` and, on CPU, the malloc
     settings our workers get (``cpu_allocator_env``): the loops differ, their allocator does
     not. ``ours`` and ``plain-pg`` also get the environment torchrun gives a 1-process job
     (what ``python -m train NPROC=1`` runs under: a gloo group of one).
+
+    ``until``: this is a partner run, stepping from ``go(until)`` until ``until`` exists.
+    ``beside``: the ``until`` of the partner beside this run, which starts stepping when this one does.
     """
     from ..distributed import ENV_EXPECTED_WORLD, cpu_allocator_env, worker_env
 
@@ -142,9 +148,10 @@ def run_single(kind: str, s: BenchSettings, workdir: Path, precision: str = "no"
     cmd = [sys.executable, "-m", "train", "bench", "--worker", kind, "--result", str(result_path), *partner,
            "--steps", str(10**9 if until else s.steps), "--threads", str(s.threads),
            *_run_args(s, out, PRECISION=precision, NPROC=1, STRATEGY="ddp")]
-    res = _spawn(cmd, _child_env(env), RUN_TIMEOUT_S,
-                 {"engaged": r"^(\[train\] strategy=|\[bench\] built)", "first_step": r"^(step=1 |\[bench\] step 1 )"},
-                 core)
+    marks = {"engaged": r"^(\[train\] strategy=|\[bench\] built)", "stepping": r"^(\[train\] model prepared as |\[bench\] stepping)",
+             "first_step": r"^(step=1 |\[bench\] step 1 )"}
+    res = _spawn(cmd, _child_env(env), RUN_TIMEOUT_S, marks, core,
+                 on_mark=(lambda name: name == "stepping" and go(beside).touch()) if beside else None)
     result = {"kind": kind, "precision": precision, "rc": res["rc"], "wall_s": res["wall_s"], "marks": res["marks"],
               "started": res["started"], "ended": res["ended"], "core": core}
     try:
@@ -216,9 +223,9 @@ def collect(s: BenchSettings, cfg: RunConfig, workdir: Path, log) -> dict:
     order = [*LOOPS, "ours-bf16"]
     single: dict[str, list[dict]] = {k: [] for k in order}
 
-    def one(key: str, core: int | None = None, until: Path | None = None) -> dict:
-        r = run_single("ours", s, workdir, "bf16", core) if key == "ours-bf16" else \
-            run_single(key, s, workdir, core=core, until=until)
+    def one(key: str, core: int | None = None, until: Path | None = None, beside: Path | None = None) -> dict:
+        r = run_single("ours", s, workdir, "bf16", core, beside=beside) if key == "ours-bf16" else \
+            run_single(key, s, workdir, core=core, until=until, beside=beside)
         r["load"] = os.getloadavg()[0]
         if "error" in r:
             log(f"  {key} failed: {r['error'][:2000]}")
@@ -237,11 +244,12 @@ def collect(s: BenchSettings, cfg: RunConfig, workdir: Path, log) -> dict:
             done = workdir / f"done-{rnd}-{key}"
             with ThreadPoolExecutor(1) as pool:
                 partner = pool.submit(one, PARTNER, b, done)
-                # The run starts once its partner is taking steps: a loop that starts up faster
-                # than the plain loop could otherwise finish a short run before its partner began.
-                while not stepping(done).exists() and not partner.done():
+                # Both take their first step together: the partner, built first, waits for the
+                # run to reach its loop (``go``). A partner already stepping for a while measured
+                # ~2% slower per step than the same loop starting beside it (bench-results/README.md).
+                while not ready(done).exists() and not partner.done():
                     time.sleep(0.05)
-                run = one(key, a)
+                run = one(key, a, beside=done)
                 done.touch()
                 partner = partner.result()
             _keep_beside(partner, run)
