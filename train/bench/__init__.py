@@ -72,7 +72,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--strategies", default=None, help="comma-separated (default: every strategy this device runs)")
     parser.add_argument("--worker", choices=("ours", "plain", "plain-pg", "trainer"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
-    parser.add_argument("--until", help=argparse.SUPPRESS)  # a partner run: stop once this file exists
+    parser.add_argument("--until", help=argparse.SUPPRESS)  # a partner run: waits for <FILE>.go, stops once FILE exists
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of every single-process run (default: 1 on CPU, where 2 threads on a "
                              "busy 2-core machine make step times erratic; all cores on CUDA)")

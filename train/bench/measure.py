@@ -150,8 +150,12 @@ def run_single(kind: str, s: BenchSettings, workdir: Path, precision: str = "no"
            *_run_args(s, out, PRECISION=precision, NPROC=1, STRATEGY="ddp")]
     marks = {"engaged": r"^(\[train\] strategy=|\[bench\] built)", "stepping": r"^(\[train\] model prepared as |\[bench\] stepping)",
              "first_step": r"^(step=1 |\[bench\] step 1 )"}
-    res = _spawn(cmd, _child_env(env), RUN_TIMEOUT_S, marks, core,
-                 on_mark=(lambda name: name == "stepping" and go(beside).touch()) if beside else None)
+
+    def start_partner(name: str) -> None:  # this run enters its loop: the partner beside it steps too
+        if name == "stepping":
+            go(beside).touch()
+
+    res = _spawn(cmd, _child_env(env), RUN_TIMEOUT_S, marks, core, on_mark=start_partner if beside else None)
     result = {"kind": kind, "precision": precision, "rc": res["rc"], "wall_s": res["wall_s"], "marks": res["marks"],
               "started": res["started"], "ended": res["ended"], "core": core}
     try:
