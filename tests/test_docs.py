@@ -1,5 +1,7 @@
 """The documents hold together: every relative link in README.md, docs/ and tests/README.md reaches a
-file that exists, and a link to a heading (`page.md#heading`, `#heading`) reaches a heading there.
+file that exists, a link to a heading (`page.md#heading`, `#heading`) reaches a heading there, and
+every file of the repository they name (`train/loop.py`, `configs/runs/tiny.yaml`) exists, so a
+module that moves takes its documents along.
 
 Fast: reads Markdown files only, starts nothing.
 """
@@ -24,6 +26,11 @@ FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
 LINK = re.compile(r"(?<!!)\[[^\]\n]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")  # [text](target "title")
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
+# A path in the repository, in prose or code: starts at a top-level folder, not inside another
+# path (`outputs/tiny/...`, `/data/runs/...`, `OUTPUT_DIR/...` are the user's). One followed by a
+# placeholder (`configs/strategies/<name>.yaml`, `..._<date>.json`) names a pattern, not a file
+# (possessive `*+`: no backing off to a shorter path before the placeholder).
+REPO_PATH = re.compile(r"(?<![\w./~$-])((?:train|tests|configs|k8s|compose|docker|bench-results|docs)/[\w./-]*+)(?![<*{$])")
 
 
 def prose(text: str) -> str:
@@ -67,16 +74,27 @@ def broken(doc: Path, target: str) -> str | None:
     return None
 
 
+def named_paths(doc: Path) -> list[str]:
+    return [m.rstrip(".-") for m in REPO_PATH.findall(doc.read_text())]
+
+
 def test_the_documents_are_found():
     assert (REPO / "README.md") in DOCUMENTS and any(d.parent.name == "docs" for d in DOCUMENTS)
     assert all(links(d) for d in (REPO / "README.md", REPO / "docs" / "configuration.md")), \
         "no links found: the link pattern no longer matches the documents"
+    assert "train/exitcodes.py" in named_paths(REPO / "README.md"), "the path pattern no longer matches"
 
 
 @pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda d: str(d.relative_to(REPO)))
 def test_every_relative_link_reaches_a_file_and_heading(doc: Path):
     bad = [why for target in links(doc) if (why := broken(doc, target))]
     assert not bad, f"{doc.relative_to(REPO)} links to what does not exist:\n  " + "\n  ".join(bad)
+
+
+@pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda d: str(d.relative_to(REPO)))
+def test_every_repository_file_named_exists(doc: Path):
+    missing = sorted({p for p in named_paths(doc) if not (REPO / p).exists() and REPO / p not in PENDING})
+    assert not missing, f"{doc.relative_to(REPO)} names files the repository does not have (moved?): {missing}"
 
 
 def test_the_readme_links_every_docs_page():
