@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from train.config import ENV_VARS, ConfigError, allowed_keys, dump_yaml, load_config, resolve_batch
-from train.strategies import STRATEGIES
+from train.config.strategies import STRATEGIES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -116,7 +116,7 @@ def test_resume_accepts_the_short_checkpoint_name(tmp_path):
 
 
 def test_preset_size_overrides_build_another_size_and_change_the_fingerprint():
-    from train.model import model_config
+    from train.worker.model import model_config
 
     cfg = load(["MODEL=llama-tiny", "model.hidden_size=128", "model.num_layers=3", "model.num_heads=2"])
     conf = model_config(cfg.model, 640)

@@ -21,7 +21,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from helpers import compose_bin, constraint, env_example, free_port, parse_dockerfile
 
 
