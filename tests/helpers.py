@@ -47,7 +47,7 @@ JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 # Small and fast: ~0.2M-parameter model, 32-token blocks, 2 ranks x 4 sequences.
 TINY = {"MODEL": "llama-debug", "SEQ_LEN": "32", "MICRO_BATCH": "4", "LOG_EVERY": "1",
         "DEVICE": "cpu", "NPROC": "2", "train.eval_every": "0", "train.eval_batches": "2",
-        "log.tensorboard": "false", "optim.warmup_steps": "2"}
+        "TRACKERS": "none", "optim.warmup_steps": "2"}
 
 
 def shape_of(*overrides: str):
