@@ -11,7 +11,7 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 # Run settings reach the package as environment variables: make exports variables given on its
 # command line (`make train STRATEGY=zero2`) by itself. They are not exported here on purpose:
 # an exported unset variable arrives as an empty string and would hide the value in `.env`.
-# The names come from the package (the `env` of each field in train/config.py, listed by
+# The names come from the package (the `env` of each field in train/config/load.py, listed by
 # `python -m train keys --env-names`; `make keys` prints every key with its default); the same
 # names work in `.env`, compose and the Kubernetes manifests. Evaluated when used, with the
 # venv's Python if there is one (listing them needs only the standard library).

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, args_for, job_env, train
 
 TINY_CHECKED = ["MODEL=llama-debug", "SEQ_LEN=32", "MICRO_BATCH=4", "DEVICE=cpu", "NPROC=2"]

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from helpers import free_port
 
 DIST_TIMEOUT_S, WRITE_S, EXPORT_TIMEOUT_S = 2, 5, 60
 
 
 def _rank(rank: int, port: int, out: str) -> None:
-    from train.distributed import make_export_group, wait_for_export
+    from train.worker.accelerator import make_export_group, wait_for_export
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=DIST_TIMEOUT_S))

@@ -8,10 +8,10 @@ import subprocess
 import time
 
 import pytest
-
 from helpers import output, read_metrics, start, train, wait_for_step, wait_until_gone, worker_pids
-from train.checkpoint import MANIFEST, complete_checkpoints
-from train.exitcodes import FAILED
+
+from train.checkpoint.layout import MANIFEST, complete_checkpoints
+from train.config.exitcodes import FAILED
 
 pytestmark = pytest.mark.slow
 RUN = {"MAX_STEPS": 8, "CHECKPOINT_EVERY": 2, "KEEP_CHECKPOINTS": 3, "checkpoint.export": "false"}
@@ -115,7 +115,7 @@ def test_a_full_disk_during_save_fails_clearly_and_keeps_the_last_checkpoint(tmp
         kept = names(tmp_path)
         assert kept and kept[0] == "step_00000002"
         for c in complete_checkpoints(ckpts):  # what is marked complete really is complete
-            from train.checkpoint import check_files, read_manifest
+            from train.checkpoint.layout import check_files, read_manifest
 
             check_files(read_manifest(c), c)
     finally:

@@ -1,4 +1,4 @@
-"""One gang owns an OUTPUT_DIR; rank 0 chooses the checkpoint for everyone (train/checkpoint.py).
+"""One gang owns an OUTPUT_DIR; rank 0 chooses the checkpoint for everyone (train/checkpoint/saver.py).
 
 Real processes and real gloo groups: two overlapping training gangs on one directory (a
 resubmitted Kubernetes Job whose old pods are still terminating), and two ranks that see
@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import LAUNCH_TIMEOUT, REPO, args_for, free_port, job_env, kill_tree
-from train import exitcodes
-from train.checkpoint import (GENERATION_FILE, MANIFEST, claim_run, complete_checkpoints, current_owner,
-                              find_resume)
-from train.config import load_config
+
+from train.checkpoint.layout import GENERATION_FILE, MANIFEST, complete_checkpoints, find_resume
+from train.checkpoint.lock import claim_run, current_owner
+from train.config import exitcodes, load_config
 
 SETTINGS = {"MODEL": "llama-debug", "SEQ_LEN": "32", "DEVICE": "cpu"}
 
@@ -42,7 +41,7 @@ def test_claiming_a_run_replaces_the_owner_and_a_torn_record_is_nobodys(tmp_path
 _RANK = r"""
 import json, sys
 import torch.distributed as dist
-from train.checkpoint import agree_resume
+from train.checkpoint.lock import agree_resume
 from train.config import ConfigError, load_config
 
 dist.init_process_group("gloo")
