@@ -82,7 +82,7 @@ def test_the_documents_are_found():
     assert (REPO / "README.md") in DOCUMENTS and any(d.parent.name == "docs" for d in DOCUMENTS)
     assert all(links(d) for d in (REPO / "README.md", REPO / "docs" / "configuration.md")), \
         "no links found: the link pattern no longer matches the documents"
-    assert "train/exitcodes.py" in named_paths(REPO / "README.md"), "the path pattern no longer matches"
+    assert "train/config/exitcodes.py" in named_paths(REPO / "README.md"), "the path pattern no longer matches"
 
 
 @pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda d: str(d.relative_to(REPO)))
