@@ -600,7 +600,7 @@ def workers_of(output_dir: Path) -> list[psutil.Process]:
     for p in psutil.process_iter(["cmdline", "status"]):
         cmd = p.info["cmdline"] or []
         is_worker = any(a == "train" and b == "worker" for a, b in zip(cmd, cmd[1:]))
-        if not is_worker or "accelerate.commands.launch" in cmd or p.info["status"] == psutil.STATUS_ZOMBIE:
+        if not is_worker or "train.launcher.agent" in cmd or p.info["status"] == psutil.STATUS_ZOMBIE:
             continue  # the agent's command line holds the workers' command too
         try:
             mine = f"OUTPUT_DIR={output_dir}" in cmd or p.environ().get("OUTPUT_DIR") == str(output_dir)

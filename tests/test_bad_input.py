@@ -119,6 +119,8 @@ def refused(run, out_dir, *args, fragments, env=None, cwd=REPO, prefix=()):
     (["MODEL=gpt2", "model.num_layers=2"], ["model.num_layers=2 resizes presets only"]),
     (["data.text_field=body"], ["has no column 'body'; columns: ['text']"]),
     (["TOKENIZER=/no/such/tokenizer"], ["tokenizer directory '/no/such/tokenizer' not found"]),
+    (["MODEL=./models/llama-finetuned"], ["model directory './models/llama-finetuned' not found"]),
+    (["MODEL=tests/no-such-model"], ["model directory 'tests/no-such-model' not found"]),  # under a directory here
     (["SEQ_LEN=4096", "MICRO_BATCH=64"], ["gives", "blocks of SEQ_LEN=4096 tokens", "needs"]),
 ])
 def test_bad_input_is_refused_before_any_process_starts(args, fragments, out_dir, launch_here):
