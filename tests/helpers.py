@@ -576,16 +576,28 @@ def wandb_run(run_dir: Path) -> tuple[dict, list[dict]]:
 
 
 # -- bad input -------------------------------------------------------------------------------
-def assert_refused(p, *fragments) -> str:
-    """Exit 2 with exactly one `error: ...` line holding every fragment, before the launcher
-    starts anything (its "[launch]" line comes only after every check passed)."""
-    assert p.returncode == 2, p.stdout + p.stderr
+def snapshot(root: Path) -> dict:
+    """Every file under ``root`` with its size and mtime: a refusal must leave it as it was."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def assert_refused(p, *fragments, code: int = 2, out: Path | None = None, before: dict | None = None) -> str:
+    """The refusal contract, written once: exit ``code`` (2, bad input) with one `error: ...` line,
+    the last one printed, holding every fragment; no traceback anywhere; nothing started (the
+    launcher's "[launch]" line comes only after every check passed); ``out`` as ``before`` was."""
+    text = p.stdout + p.stderr
+    assert p.returncode == code, text
+    assert "Traceback" not in text, text
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1, p.stderr
+    last = [ln for ln in p.stderr.splitlines() if ln.strip()][-1]
+    assert last == errors[0], text
     for f in fragments:
-        assert f in errors[0], errors[0]
-    assert "[launch]" not in p.stdout and "Traceback" not in p.stderr
-    return errors[0]
+        assert f in last, last
+    assert "[launch]" not in p.stdout
+    if out is not None:
+        assert snapshot(out) == before
+    return last
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -600,7 +612,7 @@ def workers_of(output_dir: Path) -> list[psutil.Process]:
     for p in psutil.process_iter(["cmdline", "status"]):
         cmd = p.info["cmdline"] or []
         is_worker = any(a == "train" and b == "worker" for a, b in zip(cmd, cmd[1:]))
-        if not is_worker or "accelerate.commands.launch" in cmd or p.info["status"] == psutil.STATUS_ZOMBIE:
+        if not is_worker or "train.launcher.agent" in cmd or p.info["status"] == psutil.STATUS_ZOMBIE:
             continue  # the agent's command line holds the workers' command too
         try:
             mine = f"OUTPUT_DIR={output_dir}" in cmd or p.environ().get("OUTPUT_DIR") == str(output_dir)

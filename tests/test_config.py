@@ -299,6 +299,22 @@ def test_make_passes_command_line_settings_and_keeps_dotenv(tmp_path):
     assert "seed: 6" in out.stdout  # the make command line wins over .env
 
 
+def test_a_misspelt_make_variable_is_refused_as_on_the_command_line(tmp_path):
+    """`make train MAX_STEP=5` would pass MAX_STEP on and run the full default: refused in one line."""
+    import subprocess
+
+    for f in ("constraints.txt", "pyproject.toml"):
+        (tmp_path / f).write_text("")
+    (tmp_path / "stamp").write_text("")
+    out = subprocess.run(["make", "-s", "-f", str(REPO / "Makefile"), "config", "MAX_STEP=5",
+                          f"VENV={REPO / '.venv'}", f"STAMP={tmp_path / 'stamp'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k not in ENV_VARS})
+    assert out.returncode != 0
+    assert "error: make variable MAX_STEP='5' is no setting; did you mean MAX_STEPS?" in out.stderr, out.stderr
+    assert "max_steps" not in out.stdout
+
+
 def test_makefile_picks_the_cpu_torch_build_unless_an_nvidia_gpu_answers(tmp_path):
     import subprocess
 

@@ -8,6 +8,8 @@ plain barrier on the main group (what the export used) times out under the same 
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import time
@@ -48,6 +50,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     os._exit(0)  # the main group is broken after the timeout: no orderly teardown
 
 
+@pytest.mark.slow  # two ranks in a gloo process group
 def test_ranks_wait_for_the_export_longer_than_dist_timeout(tmp_path):
     ctx = mp.get_context("spawn")
     port = free_port()

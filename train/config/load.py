@@ -195,10 +195,25 @@ def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = N
     if not cfg.output_dir:
         cfg.output_dir = default_output_dir(cfg, p, tree)
         cfg.sources["output_dir"] = "derived from the run file and strategy"
+    _refuse_misspelt_make_variables(env)
     _resolve_resume_name(cfg)
     validate(cfg)
     _apply_accelerate_config(cfg)
     return cfg
+
+
+# Set by the Makefile: the names given on make's command line. make passes any NAME=value on, so
+# `make train MAX_STEP=5` would run the full default silently; `python -m train MAX_STEP=5` and
+# the same line in .env are caught, and so is this. Names not close to a setting are make's own.
+ENV_MAKE_VARIABLES = "TRAIN_MAKE_VARIABLES"
+
+
+def _refuse_misspelt_make_variables(env: Mapping[str, str]) -> None:
+    for name in sorted(set(env.get(ENV_MAKE_VARIABLES, "").split()) - set(ENV_VARS) - {CONFIG_ENV}):
+        close = difflib.get_close_matches(name, [*ENV_VARS, CONFIG_ENV], n=1, cutoff=0.85)
+        if close:
+            raise ConfigError(f"make variable {name}={env.get(name, '')!r} is no setting; did you mean {close[0]}? "
+                              "(`make help` lists the settings)")
 
 
 def default_output_dir(cfg: RunConfig, run_file: Path, tree: Mapping[str, Any]) -> str:

@@ -102,7 +102,7 @@ def launch(cfg: RunConfig, argv: list[str]) -> int:
     env.update(worker_env(strategy, device))
     env[ENV_EXPECTED_WORLD] = str(world)
     env.update(rendezvous_env(cfg, spec))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args(cfg, spec, nproc, device),
+    cmd = [sys.executable, "-m", "train.launcher.agent", *accelerate_args(cfg, spec, nproc, device),
            "-m", "train", "worker", *argv]
     print(f"[launch] {strategy_name(cfg.launch)}: node {spec.node_rank}/{spec.nnodes} "
           f"({spec.source}), {nproc} process(es) per node, world size {world}, device {device}, "

@@ -1,6 +1,6 @@
 """One supervisor per node: the parent of torchrun's elastic agent for the whole run.
 
-It spawns the agent (``python -m accelerate.commands.launch ...``), forwards SIGTERM/SIGINT to
+It spawns the agent (``python -m train.launcher.agent ...``: accelerate's launcher), forwards SIGTERM/SIGINT to
 it, and watches the node's workers through the tiny progress files they keep
 (train/progress.py). It ends the job itself when waiting cannot help:
 - a rank reports a config error: the job is killed quietly and the one line is printed last

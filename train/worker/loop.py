@@ -40,7 +40,8 @@ from train.worker.accelerator import (
 from train.worker.engage import HeldBytes, HeldBytesProbe, check_engaged, check_sharded
 from train.worker.metrics import MetricsLog, MetricsWindow
 from train.worker.model import build_model, is_preset, load_tokenizer, model_config, param_count
-from train.worker.preemption import EXIT_PREEMPTED, StopSignal
+from train.config.exitcodes import OK, PREEMPTED
+from train.worker.preemption import StopSignal
 from train.worker.rollback import SpikeGuard
 from train.worker.tracking import start_trackers
 
@@ -289,7 +290,7 @@ def train(cfg: RunConfig) -> int:
     if not stopped:
         finish(r)
     r.close()
-    return EXIT_PREEMPTED if stopped else 0
+    return PREEMPTED if stopped else OK  # a stop that saved is not a success
 
 
 def roll_back(r: Run, reason: str) -> None:
