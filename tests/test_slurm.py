@@ -3,9 +3,9 @@
 
 Jobs are submitted as a user would (`NAME=value sbatch slurm/train.sbatch [key=value ...]`); only
 the output file and, for the two-node job, `--nodes=2` are given on sbatch's command line. The
-jobs that need nothing from the test while they run are submitted together when the module
-starts and share the cluster (Slurm runs them side by side), so the module's time is about its
-longest job's. Under CI=true a host where the daemons cannot run FAILS this module (.ci/run
+jobs that need nothing from the test while they run (or only a signal, sent by a thread) are
+submitted together when the module starts and share the cluster (Slurm runs them side by side),
+so the module's time is about its longest job's. Under CI=true a host where the daemons cannot run FAILS this module (.ci/run
 installs slurm-wlm and munge as root).
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,21 @@ def submitted(cluster, tmp_path_factory) -> dict[str, Job]:
         "two-nodes": submit(cluster, root, "two-nodes", "--nodes=2", NPROC=1, **{"checkpoint.export": "false"}),
         "bad-setting": submit(cluster, root, "bad-setting", STRATEGY="zero9"),
         "preflight": submit(cluster, root, "preflight", train_args=("preflight.disk_checkpoints=1000000000",)),
+        # Stopped (by a thread) as soon as its launcher runs: long before the first checkpoint.
+        "early-stop": signal_once_started(cluster, submit(cluster, root, "early-stop", MAX_REQUEUES=0)),
     }
+
+
+def signal_once_started(cluster, job: Job) -> Job:
+    """USR1 to the batch shell as soon as the launcher's "[launch]" line is in the job's output."""
+    def watch():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and "[launch]" not in job.text():
+            time.sleep(0.1)
+        cluster.cmd("scancel", "--batch", "--signal=USR1", job.id, check=False)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return job
 
 
 def finished(cluster, job: Job) -> dict:
@@ -111,10 +126,8 @@ def test_a_signal_mid_run_stops_saves_requeues_and_resumes_bitwise(cluster, subm
 
 
 @pytest.mark.slow
-def test_a_stop_before_the_first_checkpoint_is_said_in_one_line(cluster, submitted, tmp_path):
-    job = submit(cluster, tmp_path, "run", MAX_REQUEUES=0)
-    wait_for(cluster, job, lambda: "[launch]" in job.text(), "the launcher's start")
-    cluster.cmd("scancel", "--batch", "--signal=USR1", job.id)
+def test_a_stop_before_the_first_checkpoint_is_said_in_one_line(cluster, submitted):
+    job = submitted["early-stop"]
     info = finished(cluster, job)
     text = job.text()
     assert info["ExitCode"] == f"{exitcodes.PREEMPTED}:0", text[-4000:]
