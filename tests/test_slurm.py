@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, SLURM_SCRIPT, TINY, SlurmCluster, losses, read_metrics, slurm_unavailable
-from train import exitcodes
-from train.slurm import master_port
+from train.config import exitcodes
+from train.launcher.slurm import master_port
 
 # PYTHON: the script's interpreter (it defaults to the clone's .venv); the test's own here.
 RUN = {**TINY, "MAX_STEPS": 8, "CHECKPOINT_EVERY": 0, "PYTHON": sys.executable}
@@ -171,13 +171,13 @@ def test_two_nodes_equal_the_one_node_curve(cluster, submitted):
 ])
 def test_a_final_failure_ends_the_job_once_without_a_requeue(cluster, submitted, name, code, says):
     """Bad input (exit 2) and a failed preflight (exit 3, the node named) are final in
-    train/exitcodes.py: a requeue would fail the same way."""
+    train/config/exitcodes.py: a requeue would fail the same way."""
     job = submitted[name]
     info = finished(cluster, job)
     text = job.text()
     assert state(info) == ("FAILED", f"{code}:0", "0"), text[-4000:]
     assert says in text and "Traceback" not in text, text[-4000:]
-    assert f"[slurm] exit {code}: a retry cannot help (train/exitcodes.py); not requeued" in text
+    assert f"[slurm] exit {code}: a retry cannot help (train/config/exitcodes.py); not requeued" in text
     assert not (job.out / "checkpoints").exists()
     if code == exitcodes.CONFIG:  # one line naming the value, before any process group
         errors = [ln for ln in text.splitlines() if ln.startswith("error: ")]
@@ -186,7 +186,7 @@ def test_a_final_failure_ends_the_job_once_without_a_requeue(cluster, submitted,
 
 
 def test_the_script_requeues_exactly_the_retryable_codes():
-    """The script's list of final codes is train/exitcodes.py's (the table cannot drift from it)."""
+    """The script's list of final codes is train/config/exitcodes.py's (the table cannot drift from it)."""
     text = SLURM_SCRIPT.read_text()
     listed = re.search(r'^FINAL_CODES=" ([\d ]+) "$', text, re.M).group(1).split()
     assert sorted(map(int, listed)) == sorted(exitcodes.FINAL_CODES)
