@@ -182,7 +182,7 @@ def test_a_final_failure_ends_the_job_once_without_a_requeue(cluster, submitted,
     if code == exitcodes.CONFIG:  # one line naming the value, before any process group
         errors = [ln for ln in text.splitlines() if ln.startswith("error: ")]
         assert len(errors) == 1 and "zero9" in errors[0], text
-        assert "[launch]" not in text
+        assert "[launch]" not in text and not job.out.exists()  # nothing started, OUTPUT_DIR untouched
 
 
 def test_the_script_requeues_exactly_the_retryable_codes():
