@@ -86,7 +86,7 @@ def _info(argv: list[str]) -> None:
 
 
 def _hang_report(argv: list[str]) -> None:
-    from train.launcher.hang import main as hang_main
+    from train.tools.hang_report import main as hang_main
 
     hang_main(argv)
 

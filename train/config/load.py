@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from train.config.schema import (CONFIG_ENV, DEFAULT_CONFIG, ConfigError, RunConfig, _key_fields, bounds_error)
+from train.config.schema import CONFIG_ENV, DEFAULT_CONFIG, ConfigError, RunConfig, _key_fields, bounds_error
 from train.config.strategies import REPO_ROOT, STRATEGIES
 
 # Short names shared by the Makefile, `.env`, compose and Kubernetes, from the fields' metadata.

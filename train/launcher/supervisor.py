@@ -31,10 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from train.config import RunConfig
-from train.config import exitcodes
+from train.config import RunConfig, exitcodes
 from train.config.exitcodes import CONFIG, FAILED, HANG, OK, PREEMPTED, REPEATED_FAILURE, describe
-from train.launcher import hang
+from train.launcher import hang, hang_verdict
 from train.progress import ENV_DIR, ENV_SUPERVISOR, PR_SET_PDEATHSIG, failure_of, read_attempts
 
 POLL_S = 0.5
@@ -178,7 +177,7 @@ class Supervisor:
         hang.wait_for_dumps(self.cfg.output_dir, self.world, REPORT_WAIT_S)
         self._kill(cur)
         if self.node_rank == 0:
-            print(hang.report(self.cfg.output_dir), flush=True)
+            print(hang_verdict.report(self.cfg.output_dir), flush=True)
         return HANG, (f"no rank made progress for {idle:.0f} s; stacks in {folder} "
                       f"(python -m train hang-report {self.cfg.output_dir}); RESUME=auto continues from the last checkpoint")
 

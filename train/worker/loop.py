@@ -24,9 +24,9 @@ from train.checkpoint.export import export_final
 from train.checkpoint.layout import checkpoint_root
 from train.checkpoint.saver import Checkpointer, TrainState
 from train.config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
+from train.config.exitcodes import OK, PREEMPTED
 from train.config.strategies import GRADS, OPTIM, PARAMS, Strategy
 from train.flops import device_peak_flops, flops_per_token
-from train.worker.accelerator import resolve_device
 from train.memory import held_bytes
 from train.progress import ENV_DEVICE
 from train.worker import failpoints, lora, rollback
@@ -36,11 +36,11 @@ from train.worker.accelerator import (
     fused_adamw,
     optimizer_step_skipped,
     prepare_alone,
+    resolve_device,
 )
 from train.worker.engage import HeldBytes, HeldBytesProbe, check_engaged, check_sharded
 from train.worker.metrics import MetricsLog, MetricsWindow
 from train.worker.model import build_model, is_preset, load_tokenizer, model_config, param_count
-from train.config.exitcodes import OK, PREEMPTED
 from train.worker.preemption import StopSignal
 from train.worker.rollback import SpikeGuard
 from train.worker.tracking import start_trackers
