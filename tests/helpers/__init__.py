@@ -8,6 +8,7 @@ every public name of them.
 - ``docker``: the Dockerfile and compose readers.
 - ``versions``: pins and the dev extra's tools.
 - ``artifacts``: a small pretrained model, W&B offline runs.
+- ``slurm``: a real slurmctld and two slurmd on this host (SlurmCluster).
 """
 
 from helpers.artifacts import *  # noqa: F403
@@ -16,4 +17,5 @@ from helpers.jobs import *  # noqa: F403 - first: sets HF_HUB_OFFLINE before any
 from helpers.k8s import *  # noqa: F403
 from helpers.pods import *  # noqa: F403
 from helpers.refusals import *  # noqa: F403
+from helpers.slurm import *  # noqa: F403
 from helpers.versions import *  # noqa: F403

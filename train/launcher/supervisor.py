@@ -208,16 +208,27 @@ class Supervisor:
         if rc == 0:
             return OK, ""
         if self.signalled is not None:
-            return PREEMPTED, ""
+            return PREEMPTED, self._stopped_without_checkpoint()
         for status, code in FINAL_STATUSES.items():
             msgs = [o.get("message", "") for o in cur["outcomes"].values() if o.get("status") == status]
             if msgs:
                 return code, msgs[0]
         if statuses == {exitcodes.name(PREEMPTED)}:
-            return PREEMPTED, ""
+            return PREEMPTED, self._stopped_without_checkpoint()
         reason, step = failure_of(cur) if attempts else ("the launcher failed before any worker started", 0)
         return FAILED, (f"a worker failed and the restart budget (launch.max_restarts={self.cfg.launch.max_restarts}) "
                         f"is spent: {reason} at step {step}")
+
+    def _stopped_without_checkpoint(self) -> str:
+        """A stop (time limit, preemption) that came before the first save: said once, on node 0,
+        because the next attempt starts over and a time limit would stop it at the same place."""
+        from train.checkpoint.layout import checkpoint_root, complete_checkpoints  # imports torch: only here
+
+        if self.node_rank != 0 or complete_checkpoints(checkpoint_root(self.cfg)):
+            return ""
+        name = signal.Signals(self.signalled).name if self.signalled else "a stop signal"
+        return (f"stopped by {name} before the first checkpoint was saved: the next attempt starts again at step 0; "
+                "under a time limit, give the job more time (sbatch --time) or save sooner (CHECKPOINT_EVERY)")
 
 
 # Outcomes a rank reports through progress.fatal (the table's names of final codes): the whole job
