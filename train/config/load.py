@@ -15,7 +15,16 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from train.config.schema import CONFIG_ENV, DEFAULT_CONFIG, SIZE_KEYS, ConfigError, RunConfig, _key_fields
+from train.config.schema import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    SIZE_KEYS,
+    ConfigError,
+    RunConfig,
+    _key_fields,
+    profile_ranks,
+    profile_window,
+)
 from train.config.strategies import REPO_ROOT, STRATEGIES
 
 # Short names shared by the Makefile, `.env`, compose and Kubernetes, from the fields' metadata.
@@ -293,7 +302,7 @@ def validate(cfg: RunConfig) -> None:
         *((f"model.{k}", getattr(cfg.model, k), 0) for k in SIZE_KEYS),
         ("launch.max_restarts", launch.max_restarts, 0), ("launch.hang_timeout_s", launch.hang_timeout_s, 0),
         ("train.spike_factor", train.spike_factor, 0), ("train.spike_window", train.spike_window, 1),
-        ("train.max_rollbacks", train.max_rollbacks, 0),
+        ("train.max_rollbacks", train.max_rollbacks, 0), ("train.until_step", train.until_step, 0),
         ("log.held_bytes_every", cfg.log.held_bytes_every, 1), ("log.straggler_log_steps", cfg.log.straggler_log_steps, 0),
         ("preflight.shm_mb_per_gpu", pre.shm_mb_per_gpu, 0),
         ("preflight.shm_mb_per_cpu_process", pre.shm_mb_per_cpu_process, 0),
@@ -321,6 +330,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"log.straggler_fraction={cfg.log.straggler_fraction} must be > 0")
     if not 0 < cfg.data.eval_fraction < 0.5:
         raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in (0, 0.5)")
+    profile_window(cfg.log)
+    profile_ranks(cfg.log)
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"RESUME={cfg.checkpoint.resume!r}: no such checkpoint; use auto, never, or a checkpoint "
                           "directory (checkpoints/step_00000050, or step_50)")
