@@ -23,7 +23,9 @@ TORCH_WHEEL ?=
 ENV_FILE ?= $(if $(wildcard .env),.env,.env.example)
 
 # Versions come from constraints.txt, the one pinned set; the image labels record them.
-_IMG_VERSIONS = --build-arg TORCH_VERSION=$(shell sed -n 's/^torch==//p' constraints.txt) \
+# The commit (and uncommitted changes) the image is built from: its build-info.json and revision label.
+_IMG_REVISION = $(shell $(PY) -m train.checkpoint.provenance 2>/dev/null)
+_IMG_VERSIONS = $(_IMG_REVISION) --build-arg TORCH_VERSION=$(shell sed -n 's/^torch==//p' constraints.txt) \
   --build-arg DEEPSPEED_VERSION=$(shell sed -n 's/^deepspeed==//p' constraints.txt)
 # Run settings given to make (`make compose-up STRATEGY=zero2`, or exported) win over the env
 # file, as they do for `make train`: they are appended to a copy of it, build/compose.env.

@@ -78,10 +78,10 @@ def build_info(root: Path = REPO_ROOT) -> dict[str, Any]:
 
 def image_identity() -> dict[str, Any] | None:
     """The image this runs in: what its build recorded, and the reference/digest the deployment
-    passes in (``TRAINER_IMAGE``, ``TRAINER_IMAGE_DIGEST``: a container cannot see its own digest).
+    passes in (``TRAIN_IMAGE_REF``, ``TRAIN_IMAGE_DIGEST``: a container cannot see its own digest).
     None outside an image."""
     info = build_info()
-    ref, digest = os.environ.get("TRAINER_IMAGE"), os.environ.get("TRAINER_IMAGE_DIGEST")
+    ref, digest = os.environ.get("TRAIN_IMAGE_REF"), os.environ.get("TRAIN_IMAGE_DIGEST")
     if not info and not ref and not digest:
         return None
     return {"ref": ref, "digest": digest, "build": info or None}
@@ -253,11 +253,8 @@ def differences(old: dict | None, new: dict, parts: tuple[str, ...] = ("code", "
         oc, nc = old.get("code") or {}, new.get("code") or {}
         if oc.get("commit") != nc.get("commit"):
             out.append(f"code: commit {_short(oc.get('commit'))} -> {_short(nc.get('commit'))}")
-        if oc.get("dirty"):
-            out.append(f"code: the checkpoint was written from a dirty tree (uncommitted changes, diff "
-                       f"{oc.get('diff_sha256')}): its commit alone does not reproduce it")
-        if (oc.get("dirty"), oc.get("diff_sha256")) != (nc.get("dirty"), nc.get("diff_sha256")) and nc.get("dirty"):
-            out.append(f"code: this tree has uncommitted changes (diff {nc.get('diff_sha256')})")
+        if (oc.get("dirty"), oc.get("diff_sha256")) != (nc.get("dirty"), nc.get("diff_sha256")):
+            out.append(f"code: uncommitted changes {_dirt(oc)} -> {_dirt(nc)}")
     if "image" in parts and (old.get("image") or None) != (new.get("image") or None):
         out.append(f"image: {_image(old.get('image'))} -> {_image(new.get('image'))}")
     if "packages" in parts:
@@ -273,6 +270,24 @@ def differences(old: dict | None, new: dict, parts: tuple[str, ...] = ("code", "
         out += data_changes(old.get("data"), new.get("data"))
     if "config" in parts:
         out += [f"config {c}" for c in config_changes(old.get("config"), new.get("config"))]
+    return out
+
+
+def _dirt(code: dict) -> str:
+    return f"diff {code.get('diff_sha256')}" if code.get("dirty") else "none" if code.get("dirty") is False else "unknown"
+
+
+def caveats(prov: dict) -> list[str]:
+    """What makes a record weaker than it looks, whatever the host (said by verify)."""
+    code = prov.get("code") or {}
+    out = []
+    if code.get("dirty"):
+        out.append(f"the checkpoint was written from a dirty tree (uncommitted changes, diff {code.get('diff_sha256')}): "
+                   f"commit {_short(code.get('commit'))} alone does not reproduce it")
+    if not code.get("commit"):
+        out.append("the checkpoint does not know its code's commit")
+    if (prov.get("data") or {}).get("kind") == "hub":
+        out.append("the data is a hub dataset: its contents were not hashed")
     return out
 
 
@@ -294,3 +309,15 @@ def _image(image: dict | None) -> str:
         return "none"
     build = image.get("build") or {}
     return f"{image.get('ref') or '?'}@{image.get('digest') or '?'} (built from {_short(build.get('commit'))})"
+
+
+def build_args() -> str:
+    """``docker build`` flags that record this checkout's code identity in the image
+    (docker/docker.mk passes them; the Dockerfile writes build-info.json and a revision label)."""
+    code = code_identity()
+    return (f"--build-arg GIT_COMMIT={code['commit'] or ''} --build-arg GIT_DIRTY={str(bool(code['dirty'])).lower()} "
+            f"--build-arg GIT_DIFF_SHA256={code['diff_sha256'] or ''}")
+
+
+if __name__ == "__main__":
+    print(build_args())
