@@ -159,7 +159,10 @@ def test_code_identity_is_the_commit_and_a_hash_of_uncommitted_changes(tmp_path)
     edited = code_identity(tmp_path)
     assert edited["dirty"] is True and edited["commit"] == clean["commit"] and edited["diff_sha256"]
     (tmp_path / "train" / "new.py").write_text("y = 1\n")
-    assert code_identity(tmp_path)["diff_sha256"] != edited["diff_sha256"], "an untracked code file counts"
+    with_file = code_identity(tmp_path)
+    assert with_file["diff_sha256"] != edited["diff_sha256"], "an untracked code file counts"
+    (tmp_path / "train" / "venv").symlink_to(tmp_path)  # a link to a folder is its target, not a file to read
+    assert code_identity(tmp_path)["diff_sha256"] != with_file["diff_sha256"]
 
 
 @pytest.mark.parametrize("setting, fragments", [

@@ -63,7 +63,9 @@ def code_identity(root: Path = REPO_ROOT) -> dict[str, Any]:
     untracked = sorted((_git(root, "ls-files", "--others", "--exclude-standard", "--", *paths) or "").splitlines())
     for rel in untracked:
         h.update(rel.encode() + b"\0")
-        h.update(_file_sha256(root / rel).encode())
+        f = root / rel
+        # A link is its target (a link to a folder must not be read as a file).
+        h.update((os.readlink(f) if f.is_symlink() else _file_sha256(f) if f.is_file() else "").encode())
     dirty = bool(diff or untracked)
     return {"commit": commit.strip(), "dirty": dirty, "diff_sha256": h.hexdigest()[:16] if dirty else None,
             "source": "git"}
