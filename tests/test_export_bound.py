@@ -14,6 +14,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import free_port
@@ -48,6 +49,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     os._exit(0)  # the main group is broken after the timeout: no orderly teardown
 
 
+@pytest.mark.slow  # two ranks in a gloo process group
 def test_ranks_wait_for_the_export_longer_than_dist_timeout(tmp_path):
     ctx = mp.get_context("spawn")
     port = free_port()

@@ -47,6 +47,8 @@ def test_sigterm_stops_all_ranks_at_one_step_saves_and_resumes(tmp_path):
     assert job.returncode != 0, "a preempted run must not look like a finished one"
     # torchrun SIGKILLs workers ~30 s after its SIGTERM: a stop too slow for that never says it saved.
     assert "stop signal received: saved step" in out
+    # A stop is not a crash: no torchrun SignalException traceback after the save message.
+    assert "Traceback" not in out and "SignalException" not in out, out[-3000:]
     saved = complete_checkpoints(tmp_path / "checkpoints")
     assert len(saved) == 1
     stopped_at = int(saved[0].name.split("_")[1])

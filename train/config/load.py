@@ -18,10 +18,10 @@ from typing import Any, Literal, Mapping
 from train.config.schema import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
-    SIZE_KEYS,
     ConfigError,
     RunConfig,
     _key_fields,
+    bounds_error,
     profile_ranks,
     profile_window,
 )
@@ -99,18 +99,7 @@ def _set(cfg: RunConfig, dotted: str, value: Any, source: str) -> None:
         setattr(target, name, _coerce(dotted, value, hints[name]))
     except ConfigError as e:
         raise ConfigError(f"{e} (from {source})") from None
-    sources(cfg)[dotted] = source
-
-
-def sources(cfg: RunConfig) -> dict[str, str]:
-    """Where each setting that is not a dataclass default came from ("command line",
-    "environment NAME", ".env NAME", a run-file path, "ACCELERATE_CONFIG <file>")."""
-    return cfg.__dict__.setdefault("_sources", {})
-
-
-def notes(cfg: RunConfig) -> list[str]:
-    """One-line notices from resolving the config (e.g. which of two settings won), for the launcher to print."""
-    return cfg.__dict__.setdefault("_notes", [])
+    cfg.sources[dotted] = source
 
 
 def _explicit(source: str | None) -> bool:
@@ -211,11 +200,41 @@ def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = N
         # one close to a setting's name is most likely a typo that would silently do nothing.
         close = difflib.get_close_matches(k, [*ENV_VARS, CONFIG_ENV], n=1, cutoff=0.85)
         if close:
-            notes(cfg).append(f".env sets {k}, which is no setting (did you mean {close[0]}?); it is ignored")
+            cfg.notes.append(f".env sets {k}, which is no setting (did you mean {close[0]}?); it is ignored")
+    if not cfg.output_dir:
+        cfg.output_dir = default_output_dir(cfg, p, tree)
+        cfg.sources["output_dir"] = "derived from the run file and strategy"
+    _refuse_misspelt_make_variables(env)
     _resolve_resume_name(cfg)
     validate(cfg)
     _apply_accelerate_config(cfg)
     return cfg
+
+
+# Set by the Makefile: the names given on make's command line. make passes any NAME=value on, so
+# `make train MAX_STEP=5` would run the full default silently; `python -m train MAX_STEP=5` and
+# the same line in .env are caught, and so is this. Names not close to a setting are make's own.
+ENV_MAKE_VARIABLES = "TRAIN_MAKE_VARIABLES"
+
+
+def _refuse_misspelt_make_variables(env: Mapping[str, str]) -> None:
+    for name in sorted(set(env.get(ENV_MAKE_VARIABLES, "").split()) - set(ENV_VARS) - {CONFIG_ENV}):
+        close = difflib.get_close_matches(name, [*ENV_VARS, CONFIG_ENV], n=1, cutoff=0.85)
+        if close:
+            raise ConfigError(f"make variable {name}={env.get(name, '')!r} is no setting; did you mean {close[0]}? "
+                              "(`make help` lists the settings)")
+
+
+def default_output_dir(cfg: RunConfig, run_file: Path, tree: Mapping[str, Any]) -> str:
+    """``outputs/<run file>-<strategy>``, plus a short hash when the run is not the run file's own
+    (another model, dataset, SEQ_LEN, SEED or LoRA): each run the README shows gets its own
+    directory, so trying one after another neither resumes the wrong run nor is refused as
+    "a different run"; the same command run again continues where it stopped."""
+    own = RunConfig()
+    _apply_tree(own, tree, str(run_file))
+    strategy = "accelerate" if cfg.launch.accelerate_config else cfg.launch.strategy  # checked after this
+    name = f"outputs/{run_file.stem}-{strategy}"
+    return name if own.fingerprint_hash() == cfg.fingerprint_hash() else f"{name}-{cfg.fingerprint_hash()[:6]}"
 
 
 def _short(dotted: str) -> str:
@@ -240,7 +259,7 @@ def _apply_accelerate_config(cfg: RunConfig) -> None:
     except UnsupportedAccelerateConfig as e:
         raise ConfigError(f"ACCELERATE_CONFIG {path!r}: {e}; or use STRATEGY= instead "
                           f"({', '.join(STRATEGIES)})") from None
-    src = sources(cfg)
+    src = cfg.sources
     mapped = []
     for dotted, value in settings.items():
         section, _, name = dotted.rpartition(".")
@@ -250,14 +269,14 @@ def _apply_accelerate_config(cfg: RunConfig) -> None:
                 if dotted == "launch.strategy":
                     raise ConfigError(f"ACCELERATE_CONFIG {path!r} selects strategy {value!r} but "
                                       f"STRATEGY={current} ({src[dotted]}); set only one of them")
-                notes(cfg).append(f"{_short(dotted)}={current} ({src[dotted]}) wins over "
+                cfg.notes.append(f"{_short(dotted)}={current} ({src[dotted]}) wins over "
                                   f"{dotted} = {value!r} from ACCELERATE_CONFIG {path}")
             continue
         _set(cfg, dotted, value, f"ACCELERATE_CONFIG {path}")
         mapped.append(f"{_short(dotted)}={getattr(getattr(cfg, section) if section else cfg, name)}")
     cfg.launch.accelerate_config = ""
-    notes(cfg).insert(0, f"ACCELERATE_CONFIG {path} runs as the checked recipe: {', '.join(mapped)}")
-    notes(cfg).extend(f"ACCELERATE_CONFIG {path}: {n}" for n in file_notes)
+    cfg.notes.insert(0, f"ACCELERATE_CONFIG {path} runs as the checked recipe: {', '.join(mapped)}")
+    cfg.notes.extend(f"ACCELERATE_CONFIG {path}: {n}" for n in file_notes)
     validate(cfg)
 
 
@@ -279,57 +298,22 @@ def _resolve_resume_name(cfg: RunConfig) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Checks that need no process group: everything a user can get wrong in the config."""
-    launch, train, opt, pre = cfg.launch, cfg.train, cfg.optim, cfg.preflight
+    launch, pre = cfg.launch, cfg.preflight
     if not launch.accelerate_config and launch.strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {launch.strategy!r}; allowed: {', '.join(STRATEGIES)}")
     if launch.accelerate_config and not Path(launch.accelerate_config).is_file():
         raise ConfigError(f"ACCELERATE_CONFIG file {launch.accelerate_config!r} not found")
-    for key, v in (("preflight.gpu_min_peak_fraction", pre.gpu_min_peak_fraction),
-                   ("preflight.link_min_fraction", pre.link_min_fraction)):
-        if not 0 <= v <= 1:
-            raise ConfigError(f"{key}={v} must be in [0, 1]")
     if not 0 <= pre.port < 65536:
         raise ConfigError(f"preflight.port={pre.port} is not a TCP port (0 = MASTER_PORT + 1)")
-    for key, v, lo in (
-        ("train.micro_batch", train.micro_batch, 1), ("train.grad_accum", train.grad_accum, 1),
-        ("train.max_steps", train.max_steps, 1), ("data.seq_len", cfg.data.seq_len, 8),
-        ("launch.nnodes", launch.nnodes, 1), ("launch.nproc_per_node", launch.nproc_per_node, 0),
-        ("log.every", cfg.log.every, 1), ("checkpoint.every", cfg.checkpoint.every, 0),
-        ("checkpoint.keep", cfg.checkpoint.keep, 1), ("train.global_batch", train.global_batch, 0),
-        ("launch.timeout_s", launch.timeout_s, 1), ("launch.master_wait_s", launch.master_wait_s, 0),
-        ("train.eval_every", train.eval_every, 0), ("train.eval_batches", train.eval_batches, 1),
-        ("optim.warmup_steps", opt.warmup_steps, 0), ("data.num_workers", cfg.data.num_workers, 0),
-        *((f"model.{k}", getattr(cfg.model, k), 0) for k in SIZE_KEYS),
-        ("launch.max_restarts", launch.max_restarts, 0), ("launch.hang_timeout_s", launch.hang_timeout_s, 0),
-        ("train.spike_factor", train.spike_factor, 0), ("train.spike_window", train.spike_window, 1),
-        ("train.max_rollbacks", train.max_rollbacks, 0), ("train.until_step", train.until_step, 0),
-        ("log.held_bytes_every", cfg.log.held_bytes_every, 1), ("log.straggler_log_steps", cfg.log.straggler_log_steps, 0),
-        ("preflight.shm_mb_per_gpu", pre.shm_mb_per_gpu, 0),
-        ("preflight.shm_mb_per_cpu_process", pre.shm_mb_per_cpu_process, 0),
-        ("preflight.min_stack_mb", pre.min_stack_mb, 0), ("preflight.disk_checkpoints", pre.disk_checkpoints, 0),
-        ("preflight.min_link_gb_s", pre.min_link_gb_s, 0), ("preflight.bandwidth_budget_s", pre.bandwidth_budget_s, 0),
-        ("preflight.shared_wait_s", pre.shared_wait_s, 0),
-    ):
-        if v < lo:
-            raise ConfigError(f"{key}={v} is too small; it must be >= {lo}")
-    for key, v in (("optim.lr", opt.lr), ("optim.eps", opt.eps), ("optim.grad_clip", opt.grad_clip)):
-        if not v > 0:
-            raise ConfigError(f"{key}={v} must be > 0")
-    for key, v in (("optim.beta1", opt.beta1), ("optim.beta2", opt.beta2)):
-        if not 0 <= v < 1:
-            raise ConfigError(f"{key}={v} must be in [0, 1)")
-    if not 0 <= opt.min_lr_ratio <= 1:
-        raise ConfigError(f"optim.min_lr_ratio={opt.min_lr_ratio} must be in [0, 1]")
-    if opt.weight_decay < 0:
-        raise ConfigError(f"optim.weight_decay={opt.weight_decay} must be >= 0")
+    for key, f in _key_fields():  # each field's own bounds (schema.setting)
+        section, _, name = key.rpartition(".")
+        problem = bounds_error(key, getattr(getattr(cfg, section) if section else cfg, name), f.metadata)
+        if problem:
+            raise ConfigError(problem)
     if not 0 < launch.master_port < 65536:
         raise ConfigError(f"MASTER_PORT={launch.master_port} is not a TCP port (1..65535)")
     if not 0 <= launch.node_rank < launch.nnodes:
         raise ConfigError(f"launch.node_rank={launch.node_rank} must be in [0, nnodes={launch.nnodes})")
-    if cfg.log.straggler_fraction <= 0:
-        raise ConfigError(f"log.straggler_fraction={cfg.log.straggler_fraction} must be > 0")
-    if not 0 < cfg.data.eval_fraction < 0.5:
-        raise ConfigError(f"data.eval_fraction={cfg.data.eval_fraction} must be in (0, 0.5)")
     profile_window(cfg.log)
     profile_ranks(cfg.log)
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
@@ -368,7 +352,8 @@ def help_text() -> str:
     for key, f in _key_fields():
         default = f.default if f.default is not dataclasses.MISSING else "-"
         allowed = typing.get_args(hints[key]) if typing.get_origin(hints[key]) is Literal else ()
-        text = f.metadata.get("help") or " | ".join(allowed)
+        text, choices = f.metadata.get("help", ""), " | ".join(allowed)
+        text = f"{text} ({choices})" if choices and choices not in text else text
         lines.append(f"  {key:32} {str(default)!r:28} {f.metadata.get('env', ''):18} {text}")
     return "\n".join(lines)
 

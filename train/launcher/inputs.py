@@ -13,14 +13,14 @@ import os
 import socket
 from pathlib import Path
 
-from train.config import ConfigError, RunConfig, exitcodes, notes, resolve_batch, selected_strategy
+from train.config import ConfigError, RunConfig, exitcodes, resolve_batch, selected_strategy
 from train.config.schema import profile_ranks
 
 
 def check_inputs(cfg: RunConfig, world_size: int, device: str) -> None:
     """Every user error we can see without starting processes. Also says, and exits 0, when
     the run is already finished (resuming at max_steps would train nothing)."""
-    for note in notes(cfg):
+    for note in cfg.notes:
         print(f"[config] {note}", flush=True)
     check_device(cfg, device)
     check_async_save(cfg)

@@ -18,9 +18,9 @@ from train.config import ConfigError, RunConfig, selected_strategy, strategy_nam
 from train.launcher.cpus import available_cpus
 from train.launcher.inputs import check_inputs
 from train.launcher.supervisor import supervise
-from train.worker.accelerator import resolve_device
 from train.launcher.worker_env import worker_env
 from train.progress import ENV_EXPECTED_WORLD
+from train.worker.accelerator import resolve_device
 
 
 def processes_per_node(requested: int, device: str) -> int:
@@ -102,7 +102,7 @@ def launch(cfg: RunConfig, argv: list[str]) -> int:
     env.update(worker_env(strategy, device))
     env[ENV_EXPECTED_WORLD] = str(world)
     env.update(rendezvous_env(cfg, spec))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args(cfg, spec, nproc, device),
+    cmd = [sys.executable, "-m", "train.launcher.agent", *accelerate_args(cfg, spec, nproc, device),
            "-m", "train", "worker", *argv]
     print(f"[launch] {strategy_name(cfg.launch)}: node {spec.node_rank}/{spec.nnodes} "
           f"({spec.source}), {nproc} process(es) per node, world size {world}, device {device}, "

@@ -24,10 +24,9 @@ from train.checkpoint.export import export_final
 from train.checkpoint.layout import checkpoint_root
 from train.checkpoint.saver import Checkpointer, TrainState
 from train.config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
-from train.config.exitcodes import OUT_OF_MEMORY, Exit
+from train.config.exitcodes import OK, OUT_OF_MEMORY, PREEMPTED, Exit
 from train.config.strategies import GRADS, OPTIM, PARAMS, Strategy
 from train.flops import device_peak_flops, flops_per_token
-from train.worker.accelerator import resolve_device
 from train.memory import held_bytes
 from train.progress import ENV_DEVICE
 from train.worker import failpoints, lora, profiler, provenance_log, rollback
@@ -37,11 +36,12 @@ from train.worker.accelerator import (
     fused_adamw,
     optimizer_step_skipped,
     prepare_alone,
+    resolve_device,
 )
 from train.worker.engage import HeldBytes, HeldBytesProbe, check_engaged, check_sharded
 from train.worker.metrics import MetricsLog, MetricsWindow
 from train.worker.model import build_model, is_preset, load_tokenizer, model_config, param_count
-from train.worker.preemption import EXIT_PREEMPTED, StopSignal
+from train.worker.preemption import StopSignal
 from train.worker.rollback import SpikeGuard
 from train.worker.tracking import start_trackers
 
@@ -300,7 +300,7 @@ def train(cfg: RunConfig) -> int:
     if not stopped and state.step >= cfg.train.max_steps:  # (train.until_step stops short: no export)
         finish(r)
     r.close()
-    return EXIT_PREEMPTED if stopped else 0
+    return PREEMPTED if stopped else OK  # a stop that saved is not a success
 
 
 def roll_back(r: Run, reason: str) -> None:

@@ -4,7 +4,6 @@ by hub id or local directory through `AutoModelForCausalLM`."""
 from __future__ import annotations
 
 import json
-
 import os
 from pathlib import Path
 
@@ -102,7 +101,7 @@ def hub_error(what: str, name: str, e: BaseException) -> str:
         return (f"{what} {name!r} is gated: " + ("HF_TOKEN's account has not been granted access; request it on "
                 "the model's hub page" if hf_token() else "set HF_TOKEN (environment or .env) to a token of an "
                 "account that has accepted its license"))
-    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+    if _meant_as_path(name) and not Path(name).expanduser().exists():
         return f"{what} directory {name!r} not found"
     msg = f"{what} {name!r} cannot be loaded ({type(e).__name__}: {_first_line(e)})"
     if Path(name).is_dir():
@@ -119,6 +118,9 @@ def hub_error(what: str, name: str, e: BaseException) -> str:
 def check_model_source(cfg: ModelConfig):
     """Fail before any process starts if the model or its tokenizer cannot be resolved, or do not
     fit each other. Returns the tokenizer (the data check tokenizes a sample with it)."""
+    for what, name in (("model", cfg.name), ("tokenizer", cfg.tokenizer)):
+        if name and _meant_as_path(name) and not Path(name).expanduser().exists():  # before the hub's retries
+            raise ConfigError(f"{what} directory {name!r} not found (a local path; a hub id looks like org/name)")
     if not is_preset(cfg.name) and not Path(cfg.name).is_dir() and "/" not in cfg.name and not _looks_like_hub_id(cfg.name):
         raise ConfigError(f"model {cfg.name!r} is not a preset ({', '.join(PRESETS)}), a local directory, or a hub id")
     conf = model_config(cfg)
@@ -148,6 +150,14 @@ def _check_buildable(cfg: ModelConfig, conf) -> None:
     except Exception as e:  # noqa: BLE001 - whatever transformers refuses, the user must change
         raise ConfigError(f"model {cfg.name!r} cannot be built with model.attn_implementation="
                           f"{cfg.attn_implementation!r} ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _meant_as_path(name: str) -> bool:
+    """A name no hub id can be: absolute, relative to here or home, more than org/name deep, or
+    under a directory that exists here. Without this, a typo in a local path is sent to the hub
+    (a minute of retries offline, then "Repo id must be in the form ...")."""
+    parts = name.split("/")
+    return name.startswith(("/", "./", "../", "~")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -26,8 +26,6 @@ TRACKERS: dict[str, tuple[str, str]] = {
 def tracker_names(cfg: RunConfig) -> list[str]:
     names = [t.strip().lower() for t in cfg.log.trackers.split(",") if t.strip()]
     names = [] if names == ["none"] else list(dict.fromkeys(names))
-    if not cfg.log.tensorboard and "tensorboard" in names:
-        names.remove("tensorboard")
     return names
 
 
