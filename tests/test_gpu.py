@@ -113,7 +113,7 @@ def test_every_strategy_trains_exports_and_resumes_on_one_gpu(strategy, precisio
 def test_profile_memory_snapshot_oom_dump_and_verify_on_cuda(tmp_path, record):
     """PROFILE_STEPS on CUDA records kernels and (log.profile_memory) the allocator's history; an
     out-of-memory error writes the snapshot, with stacks under log.memory_history, and exits 10;
-    `verify` replays a CUDA checkpoint (bitwise if the kernels are deterministic, else it says)."""
+    `verify` replays a CUDA checkpoint within a stated tolerance."""
     import pickle
 
     out = tmp_path / "prof"
@@ -135,7 +135,8 @@ def test_profile_memory_snapshot_oom_dump_and_verify_on_cuda(tmp_path, record):
         snap = pickle.load(f)
     assert snap["segments"] and any(snap["device_traces"]), "the history up to the error is in the snapshot"
 
-    v = command("verify", str(out / "checkpoints" / "step_00000003"))
+    # Some CUDA kernels (the embedding's backward) accumulate with atomics: not bitwise run to run.
+    v = command("verify", str(out / "checkpoints" / "step_00000003"), "--tolerance", "1e-4")
     verdict = (v.stdout + v.stderr).strip().splitlines()[-1]
     record("profile, memory snapshot, oom, verify", passed=True, kernels=len(kernels), verify_exit=v.returncode,
            verify=verdict[:200])

@@ -172,3 +172,8 @@ def test_code_identity_is_the_commit_and_a_hash_of_uncommitted_changes(tmp_path)
 def test_profile_settings_that_cannot_work_are_refused_before_anything_starts(tmp_path, setting, fragments):
     key, value = setting.split("=")
     assert_refused(train(tmp_path / "run", check=False, MAX_STEPS=2, **{key: value}), *fragments)
+
+
+def test_verify_of_a_folder_that_is_no_checkpoint_is_refused_in_one_line(tmp_path):
+    assert_refused(command("verify", str(tmp_path)), f"verify: {str(tmp_path)!r} is not a complete checkpoint",
+                   "OUTPUT_DIR/checkpoints/step_N")

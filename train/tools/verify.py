@@ -9,7 +9,7 @@ does this checkpoint still reproduce?
    recorded settings, a scratch OUTPUT_DIR; ``train.until_step`` keeps the LR schedule of the
    whole run) and compares each logged loss and sample hash with the run's own metrics.jsonl:
    bitwise when code, packages, hardware, image, config and world size are the recorded ones,
-   else within the relative ``--tolerance`` (said in the verdict). Exit 0: it reproduces;
+   else (or with ``--tolerance``) within a relative tolerance, said in the verdict. Exit 0: it reproduces;
    exit 9 (not-reproduced): it does not, with the first step that differs.
 """
 
@@ -42,8 +42,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python -m train verify", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a checkpoint directory (OUTPUT_DIR/checkpoints/step_N)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="steps to replay after the checkpoint")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="relative loss tolerance when the environment differs from the recorded one")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help=f"compare within this relative tolerance instead of bitwise (default: bitwise when nothing "
+                        f"differs from the recorded environment, else {DEFAULT_TOLERANCE:g})")
     p.add_argument("--out", help="scratch OUTPUT_DIR of the replay (default: OUTPUT_DIR/verify/step_N)")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if "=" not in a]
@@ -52,7 +53,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                           "--out DIR and key=value overrides")
     if args.steps < 1:
         raise ConfigError(f"verify --steps {args.steps}: must be >= 1")
-    if not args.tolerance >= 0:
+    if args.tolerance is not None and not args.tolerance >= 0:
         raise ConfigError(f"verify --tolerance {args.tolerance}: must be >= 0")
     return args, rest
 
@@ -167,9 +168,10 @@ def main(argv: list[str]) -> int:
         raise Exit(f"verify: {ckpt.name} does not reproduce: the data differs from what the run trained from "
                    f"({data_changed[0]})", NOT_REPRODUCED)
 
-    exact = not changes
+    exact = not changes and args.tolerance is None
     replayed = _replay(argv_replay, env, out, step, until)
-    return _compare(rows, replayed, step, until, exact, args.tolerance, ckpt.name)
+    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    return _compare(rows, replayed, step, until, exact, tolerance, ckpt.name, changes)
 
 
 def _replay(argv: list[str], env: dict, out: Path, step: int, until: int) -> dict[int, dict]:
@@ -191,14 +193,16 @@ def _replay(argv: list[str], env: dict, out: Path, step: int, until: int) -> dic
     return logged(out / "metrics.jsonl")
 
 
-def _compare(rows: dict, replayed: dict, step: int, until: int, exact: bool, tolerance: float, name: str) -> int:
+def _compare(rows: dict, replayed: dict, step: int, until: int, exact: bool, tolerance: float, name: str,
+             changes: list[str]) -> int:
     """Logged against replayed, for each step whose log window is the same in both."""
     orig_windows = _windows(list(rows), 0)
     rep_windows = _windows(list(replayed), step)
     steps = [s for s in sorted(replayed) if step < s <= until and s in rows and orig_windows[s] == rep_windows[s]]
     if not steps:
         raise Exit(f"verify: the replay logged no step to compare with the run's (steps {step + 1}..{until})", NOT_REPRODUCED)
-    how = "bitwise" if exact else f"within a relative tolerance of {tolerance:g} (the environment differs, above)"
+    why = "the environment differs, above" if changes else "--tolerance"
+    how = "bitwise" if exact else f"within a relative tolerance of {tolerance:g} ({why})"
     print(f"[verify] {'step':>8} {'logged loss':>22} {'replayed loss':>22}  samples", flush=True)
     first_bad = None
     for s in steps:
