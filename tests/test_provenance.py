@@ -177,3 +177,10 @@ def test_profile_settings_that_cannot_work_are_refused_before_anything_starts(tm
 def test_verify_of_a_folder_that_is_no_checkpoint_is_refused_in_one_line(tmp_path):
     assert_refused(command("verify", str(tmp_path)), f"verify: {str(tmp_path)!r} is not a complete checkpoint",
                    "OUTPUT_DIR/checkpoints/step_N")
+
+
+def test_env_shows_this_hosts_side_of_the_provenance():
+    p = command("env")
+    said = [ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("[provenance] ")]
+    assert p.returncode == 0 and said == ["code", "packages", "hardware"], p.stdout
+    assert f"code {code_identity()['commit'][:12]}" in p.stdout
