@@ -14,6 +14,7 @@ Commands:
   hang-report OUTPUT_DIR   which rank hung, where: the table and verdict of the newest hang dump
   export   CKPT OUT: a Hugging Face model (safetensors, config, tokenizer) from any checkpoint
   convert  CKPT OUT --to STRATEGY [--world-size N]: a checkpoint that resumes under STRATEGY
+  prepare  --out DIR SOURCE... [key=value]: tokenize sources into token shards (see train/data/prepare.py)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .exitcodes import MASTER_UNREACHABLE
 from .nodes import MasterUnreachable
 
 COMMANDS = ("launch", "worker", "config", "keys", "plan", "bench", "env", "warm", "doctor", "hang-report", "export",
-            "convert")
+            "convert", "prepare")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,6 +87,10 @@ def run(cmd: str, argv: list[str]) -> int | None:
         from .convert import main as convert_main
 
         convert_main(cmd, argv)
+    elif cmd == "prepare":
+        from .data.prepare import main as prepare_main
+
+        prepare_main(argv)
     elif cmd == "bench":
         from .bench import main as bench_main
 

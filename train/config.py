@@ -93,14 +93,25 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = setting("builtin:tiny-stories", "builtin:NAME, hub id, or local text/jsonl/parquet file or directory", env="DATASET")
+    dataset: str = setting("builtin:tiny-stories", "a directory made by `python -m train prepare`, or a raw source "
+                           "(builtin:NAME, hub id, local text/jsonl/parquet/csv file or directory), prepared into "
+                           "data.cache_dir on first use", env="DATASET")
     dataset_config: str = ""
     split: str = "train"
     text_field: str = "text"
     seq_len: int = setting(128, env="SEQ_LEN")
-    eval_fraction: float = 0.05
+    eval_fraction: float = setting(0.05, "held out from DATASET (each mixture source): its last documents, this "
+                                   "fraction of its tokens rounded to whole documents; unused with data.eval_dataset")
+    eval_dataset: str = setting("", "a separate held-out dataset (same forms as DATASET); empty = hold out "
+                                "data.eval_fraction of DATASET's documents", env="EVAL_DATASET")
+    mixture: str = setting("", "weighted mixture instead of DATASET: SOURCE=WEIGHT,SOURCE=WEIGHT (in YAML also a list "
+                           "of {dataset, weight}); sources as DATASET, weights > 0", env="DATA_MIXTURE")
     num_workers: int = 0
-    cache_dir: str = setting("", "where `datasets` caches loaded and tokenized data; empty = its default (HF_HOME/datasets)")
+    cache_dir: str = setting("", "where raw DATASETs are prepared on first use (CACHE/prepared/) and `datasets` keeps "
+                             "downloads; empty = ~/.cache/train (XDG_CACHE_HOME) and its own default", env="DATA_CACHE")
+    shard_tokens: int = setting(1 << 27, "prepare: tokens per shard file (a shard ends at the first document end "
+                                "past this)")
+    prepare_workers: int = setting(0, "prepare: tokenizing processes; 0 = the CPUs this process may use")
 
 
 @dataclass
@@ -182,6 +193,8 @@ class RunConfig:
             "seed": self.seed,
             # None without LoRA: checkpoints written before this key existed still match
             "lora": f"r={self.model.lora_r} targets={self.model.lora_target_modules}" if self.model.lora_r else None,
+            # only when set: checkpoints of single-dataset runs keep their fingerprint
+            **({"mixture": self.data.mixture} if self.data.mixture else {}),
         }
 
     def fingerprint_hash(self) -> str:
@@ -282,11 +295,26 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ConfigError(f"unknown {key.rsplit('.', 1)[-1]} {s!r}; allowed: {', '.join(allowed)}")
         return s
     if typ is str:
+        if key == "data.mixture" and isinstance(value, list):
+            value = _mixture_from_list(value)
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key} must be a string, got {type(value).__name__}")
         # YAML reads `no` as False: precision "no" must survive that.
         return "no" if value is False else str(value)
     raise TypeError(typ)
+
+
+def _mixture_from_list(items: list) -> str:
+    """YAML's ``mixture: [{dataset: DIR, weight: 0.7}, ...]`` as the one-line form ``DIR=0.7,...``."""
+    out = []
+    for it in items:
+        if isinstance(it, Mapping) and set(it) == {"dataset", "weight"}:
+            out.append(f"{it['dataset']}={it['weight']}")
+        elif isinstance(it, str):
+            out.append(it)
+        else:
+            raise ConfigError(f"data.mixture entry {it!r} must be a mapping with exactly the keys dataset and weight")
+    return ",".join(out)
 
 
 def _unknown_key(dotted: str, source: str) -> ConfigError:
@@ -515,6 +543,7 @@ def validate(cfg: RunConfig) -> None:
         ("launch.timeout_s", launch.timeout_s, 1), ("launch.master_wait_s", launch.master_wait_s, 0),
         ("train.eval_every", train.eval_every, 0), ("train.eval_batches", train.eval_batches, 1),
         ("optim.warmup_steps", opt.warmup_steps, 0), ("data.num_workers", cfg.data.num_workers, 0),
+        ("data.shard_tokens", cfg.data.shard_tokens, 1), ("data.prepare_workers", cfg.data.prepare_workers, 0),
         *((f"model.{k}", getattr(cfg.model, k), 0) for k in SIZE_KEYS),
         ("launch.max_restarts", launch.max_restarts, 0), ("launch.hang_timeout_s", launch.hang_timeout_s, 0),
         ("train.spike_factor", train.spike_factor, 0), ("train.spike_window", train.spike_window, 1),
