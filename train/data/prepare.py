@@ -19,6 +19,7 @@ import hashlib
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -308,7 +309,11 @@ def open_source(name: str, cfg: DataConfig, tokenizer, what: str = "DATASET", wo
             if not is_prepared(entry):
                 t0 = time.monotonic()
                 log(f"[data] preparing {what}={name!r} into {entry} (once; later runs read the shards)")
-                c = prepare([name], entry, tokenizer, cfg, workers, log)
+                try:
+                    c = prepare([name], entry, tokenizer, cfg, workers, log)
+                except ConfigError:
+                    shutil.rmtree(entry, ignore_errors=True)  # bad input: nothing to continue later
+                    raise
                 log(f"[data] prepared {c.num_tokens:,} tokens, {c.num_documents:,} documents in "
                     f"{time.monotonic() - t0:.1f} s")
     return Corpus(entry, what)
