@@ -292,4 +292,9 @@ def collect(s: BenchSettings, cfg: RunConfig, workdir: Path, log) -> dict:
 
     # 3
     log("data efficiency")
-    return {"single": single, "jobs": jobs, "stall": stall, "two_processes": two, "data": data_efficiency(cfg)}
+    eff = data_efficiency(cfg)
+    # 8
+    from .data import data_scale
+
+    scale = data_scale(s, cfg, workdir, log, s.data_text_mb, s.data_gb) if s.data_text_mb else {}
+    return {"single": single, "jobs": jobs, "stall": stall, "two_processes": two, "data": eff, "data_scale": scale}

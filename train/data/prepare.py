@@ -236,28 +236,31 @@ def prepare(sources: list[str], out: str | Path, tokenizer, cfg: DataConfig, wor
 @contextmanager
 def _encoder(workers: int, init_args: tuple):
     """A function mapping chunks to encoded chunks in order, with at most 2 tasks per worker in
-    flight (Pool.imap would read the whole input ahead)."""
+    flight (Pool.imap would read the whole input ahead). A worker that dies (OOM kill) fails the
+    prepare with BrokenProcessPool instead of hanging it; a rerun continues."""
     if workers == 1:
         _init_worker(*init_args)
         yield lambda chunks: map(_encode, chunks)
         return
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds threads (torch, rayon)
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=init_args)
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: no fork of a process that holds threads (torch, rayon)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                               initargs=init_args)
 
     def run(chunks):
         pending: deque = deque()
         for c in chunks:
-            pending.append(pool.apply_async(_encode, (c,)))
+            pending.append(pool.submit(_encode, c))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
 
     try:
         yield run
     finally:
-        pool.terminate()
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -- the cache for raw DATASETs --------------------------------------------------------------------
