@@ -10,30 +10,31 @@
 """
 
 from __future__ import annotations
-from functools import lru_cache
+
 import json
 import os
-from pathlib import Path
 import random
 import re
 import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
 import time
+from functools import lru_cache
+from pathlib import Path
+
 import psutil
 import pytest
 import yaml
-import signal
-import socket
 
 # No test reaches the Hugging Face hub (this machine and CI cannot). huggingface_hub reads this
 # once, when first imported: set it before anything imports it in this process (a later
 # in-process launch would retry the network for ~40 s instead of failing offline at once), and
 # every job a test starts inherits it (job_env).
 os.environ["HF_HUB_OFFLINE"] = "1"
-from train.nodes import LAUNCHER_SCRUB_VARS  # noqa: E402
-
+from train.launcher.nodes import LAUNCHER_SCRUB_VARS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH_TIMEOUT = 420  # every launch has a bound: 2-process gloo runs can hang (docs/cpu-distributed.md)
@@ -46,13 +47,14 @@ JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 # Small and fast: ~0.2M-parameter model, 32-token blocks, 2 ranks x 4 sequences.
 TINY = {"MODEL": "llama-debug", "SEQ_LEN": "32", "MICRO_BATCH": "4", "LOG_EVERY": "1",
         "DEVICE": "cpu", "NPROC": "2", "train.eval_every": "0", "train.eval_batches": "2",
-        "log.tensorboard": "false", "optim.warmup_steps": "2"}
+        "TRACKERS": "none", "optim.warmup_steps": "2"}
 
 
 def shape_of(*overrides: str):
     """(run config, the planner's model shape) for these overrides, as ``python -m train plan`` sees them."""
     from train.config import load_config
-    from train.plan import load_model_config, model_shape
+    from train.worker.model import load_model_config
+    from train.memory import model_shape
 
     cfg = load_config(list(overrides))
     return cfg, model_shape(load_model_config(cfg), cfg.model.name)
@@ -544,7 +546,7 @@ def save_tiny_pretrained(path: Path) -> Path:
     import torch
 
     from train.config import ModelConfig
-    from train.model import build_model, load_tokenizer
+    from train.worker.model import build_model, load_tokenizer
 
     cfg = ModelConfig(name="llama-debug")
     tok = load_tokenizer(cfg)
@@ -599,16 +601,28 @@ def wandb_run(run_dir: Path) -> tuple[dict, list[dict]]:
 
 
 # -- bad input -------------------------------------------------------------------------------
-def assert_refused(p, *fragments) -> str:
-    """Exit 2 with exactly one `error: ...` line holding every fragment, before the launcher
-    starts anything (its "[launch]" line comes only after every check passed)."""
-    assert p.returncode == 2, p.stdout + p.stderr
+def snapshot(root: Path) -> dict:
+    """Every file under ``root`` with its size and mtime: a refusal must leave it as it was."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def assert_refused(p, *fragments, code: int = 2, out: Path | None = None, before: dict | None = None) -> str:
+    """The refusal contract, written once: exit ``code`` (2, bad input) with one `error: ...` line,
+    the last one printed, holding every fragment; no traceback anywhere; nothing started (the
+    launcher's "[launch]" line comes only after every check passed); ``out`` as ``before`` was."""
+    text = p.stdout + p.stderr
+    assert p.returncode == code, text
+    assert "Traceback" not in text, text
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1, p.stderr
+    last = [ln for ln in p.stderr.splitlines() if ln.strip()][-1]
+    assert last == errors[0], text
     for f in fragments:
-        assert f in errors[0], errors[0]
-    assert "[launch]" not in p.stdout and "Traceback" not in p.stderr
-    return errors[0]
+        assert f in last, last
+    assert "[launch]" not in p.stdout
+    if out is not None:
+        assert snapshot(out) == before
+    return last
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -623,7 +637,7 @@ def workers_of(output_dir: Path) -> list[psutil.Process]:
     for p in psutil.process_iter(["cmdline", "status"]):
         cmd = p.info["cmdline"] or []
         is_worker = any(a == "train" and b == "worker" for a, b in zip(cmd, cmd[1:]))
-        if not is_worker or "accelerate.commands.launch" in cmd or p.info["status"] == psutil.STATUS_ZOMBIE:
+        if not is_worker or "train.launcher.agent" in cmd or p.info["status"] == psutil.STATUS_ZOMBIE:
             continue  # the agent's command line holds the workers' command too
         try:
             mine = f"OUTPUT_DIR={output_dir}" in cmd or p.environ().get("OUTPUT_DIR") == str(output_dir)

@@ -20,7 +20,7 @@ from train.data import GlobalCursorSampler, build_splits, check_splits, open_sou
 from train.data.loader import MixtureBlocks, TokenBlocks, apportion
 from train.data.prepare import cache_entry, prepare
 from train.data.shards import MANIFEST, Corpus
-from train.model import load_tokenizer
+from train.worker.model import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_a_raw_dataset_is_prepared_into_the_cache_once_and_then_only_opened(tmp_
 def _open_in_process(path: str, cache: str, q) -> None:
     from train.config import DataConfig, ModelConfig
     from train.data import open_source
-    from train.model import load_tokenizer
+    from train.worker.model import load_tokenizer
 
     c = open_source(path, DataConfig(cache_dir=cache), load_tokenizer(ModelConfig(name="llama-debug")), log=q.put)
     q.put(("opened", str(c.path)))

@@ -18,11 +18,27 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import (
+    JOB_NAME_LABEL,
+    K8S,
+    OVERLAYS_DIR,
+    REPO,
+    STORAGE_DIR,
+    job_action,
+    mounts,
+    one,
+    overlays,
+    pod_env,
+    pod_labels,
+    project_version,
+    quantity,
+    render,
+    render_dir,
+    storage_kinds,
+    trainer_container,
+)
 
-from helpers import (JOB_NAME_LABEL, K8S, OVERLAYS_DIR, REPO, STORAGE_DIR, job_action, mounts, one,
-                     overlays, pod_env, pod_labels, project_version, quantity, render, render_dir, storage_kinds,
-                     trainer_container)
-from train import exitcodes
+from train.config import exitcodes
 
 # The oldest Kubernetes we support (podFailurePolicy, successPolicy and podReplacementPolicy
 # all need it) and the newest schema kubernetes-validate ships. k8s/k8s.mk pins the same.
@@ -141,7 +157,7 @@ def test_job_and_service_names_and_labels_agree(overlay):
 @pytest.mark.parametrize("overlay", overlays())
 def test_every_pod_resolves_to_its_node_and_the_master_through_the_service(overlay):
     from train.config import load_config
-    from train.nodes import resolve_nodes
+    from train.launcher.nodes import resolve_nodes
 
     objs = render(overlay)
     job, svc = one(objs, "Job"), one(objs, "Service")
@@ -200,7 +216,7 @@ def test_env_references_resolve_and_paths_land_on_the_volume(overlay):
 @pytest.mark.parametrize("overlay", overlays())
 def test_run_config_and_env_form_a_valid_run(overlay):
     from train.config import load_config
-    from train.strategies import STRATEGIES
+    from train.config.strategies import STRATEGIES
 
     objs = render(overlay)
     job = one(objs, "Job")
@@ -232,7 +248,7 @@ def test_failure_handling_fails_the_gang_fast(overlay):
     assert 30 < shutdown <= grace - 10, f"{overlay}: TORCH_ELASTIC_SHUTDOWN_TIMEOUT={shutdown}, grace {grace}"
 
 
-# What the Job does with each way a pod can end, per exit code (train/exitcodes.py). With
+# What the Job does with each way a pod can end, per exit code (train/config/exitcodes.py). With
 # backoffLimit 0, "Count" fails the Job; "Ignore" replaces the pod without counting it.
 def _expected_action(code: int, conditions: tuple[str, ...]) -> str:
     if code in exitcodes.FINAL_CODES:
@@ -301,7 +317,7 @@ def test_changing_the_node_count_without_nnodes_is_caught(tmp_path):
     job = one(render_dir(ov), "Job")
     assert job["spec"]["completions"] == 3 and pod_env(job, 2)["NNODES"] == "2"
     from train.config import ConfigError, LaunchConfig
-    from train.nodes import resolve_nodes
+    from train.launcher.nodes import resolve_nodes
 
     with pytest.raises(ConfigError, match="JOB_COMPLETION_INDEX=2 is not a valid node rank for NNODES=2"):
         resolve_nodes(LaunchConfig(nnodes=2, master_addr="x"), pod_env(job, 2))
@@ -342,9 +358,9 @@ def test_pytorchjob_example_pod_templates_validate(version):
 
 @pytest.mark.parametrize("operator", ["v1-old", "v1-newer"])
 def test_pytorchjob_example_gets_the_right_world_size(operator):
-    """What the operator injects into each pod, turned into nodes by train/nodes.py."""
+    """What the operator injects into each pod, turned into nodes by train/launcher/nodes.py."""
     from train.config import load_config
-    from train.nodes import resolve_nodes
+    from train.launcher.nodes import resolve_nodes
 
     ptj = _ptj()
     specs = ptj["spec"]["pytorchReplicaSpecs"]
@@ -476,7 +492,7 @@ def test_readme_exit_code_table_is_the_generated_one():
     body = section[1].split("\n## ", 1)[0]
     table = "\n".join(line for line in body.splitlines() if line.startswith("|"))
     assert table == exitcodes.markdown_table(), \
-        "README exit-code table is stale: paste `python -c \"import train.exitcodes as e; print(e.markdown_table())\"`"
+        "README exit-code table is stale: paste `python -c \"import train.config.exitcodes as e; print(e.markdown_table())\"`"
 
 
 # -- the JobSet example -----------------------------------------------------------------------
@@ -593,7 +609,7 @@ def test_jobset_pod_template_is_the_zero2_overlays():
 
 def test_jobset_pods_resolve_to_their_node_and_the_master_jobset_names():
     from train.config import load_config
-    from train.nodes import resolve_nodes
+    from train.launcher.nodes import resolve_nodes
 
     js = _jobset()
     job_name, job = _jobset_job(js)

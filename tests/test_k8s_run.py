@@ -25,12 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+import helpers as km
 import psutil
 import pytest
-from helpers import PodNetwork, try_network
-
-import helpers as km
-from helpers import REPO, free_port, mounts, one, pod_env, render, trainer_container
+from helpers import REPO, PodNetwork, free_port, mounts, one, pod_env, render, trainer_container, try_network
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Node topology from each launcher's environment contract (train/nodes.py).
+"""Node topology from each launcher's environment contract (train/launcher/nodes.py).
 
 Pure env dicts, plus a real TCP listener for wait_for_master. The launch config is resolved the
 way `python -m train launch` does it (load_config on the same env), so the tests also hold the
@@ -17,9 +17,8 @@ import time
 import pytest
 from helpers import free_port
 
-from train.config import ConfigError, LaunchConfig, load_config
-from train import exitcodes
-from train.nodes import LAUNCHER_SCRUB_VARS, MasterUnreachable, NodeSpec, resolve_nodes, wait_for_master
+from train.config import ConfigError, LaunchConfig, exitcodes, load_config
+from train.launcher.nodes import LAUNCHER_SCRUB_VARS, MasterUnreachable, NodeSpec, resolve_nodes, wait_for_master
 
 
 def resolve(env: dict[str, str]) -> NodeSpec:

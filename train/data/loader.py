@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config import ConfigError, DataConfig
-from .prepare import open_source
-from .shards import Corpus, tokenizer_fingerprint
+from train.config import ConfigError, DataConfig
+from train.data.prepare import open_source
+from train.data.shards import Corpus, tokenizer_fingerprint
 
 
 class TokenBlocks(Dataset):
@@ -230,6 +230,10 @@ class GlobalCursorSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.steps_per_epoch * self.global_batch - self.start
+
+    def steps_left(self) -> int:
+        """Optimizer steps left in this epoch from the position set last."""
+        return len(self) // self.global_batch
 
 
 def collate(items: list[dict]) -> dict:

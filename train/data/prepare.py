@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, DataConfig
-from . import sources as src
-from .shards import (DOCS, FORMAT, MANIFEST, TOKENS, Corpus, arrays_spec, is_prepared, looks_unfinished, shard_name,
+from train.config import ConfigError, DataConfig
+from train.data import sources as src
+from train.data.shards import (DOCS, FORMAT, MANIFEST, TOKENS, Corpus, arrays_spec, is_prepared, looks_unfinished, shard_name,
                      token_dtype, tokenizer_fingerprint, write_json)
 
 PROGRESS = "prepare.json"  # what an unfinished prepare is preparing: a rerun continues only the same job
@@ -325,8 +325,8 @@ def open_source(name: str, cfg: DataConfig, tokenizer, what: str = "DATASET", wo
 def main(argv: list[str]) -> None:
     """``prepare --out DIR SOURCE... [key=value ...]``: settings as for training (MODEL/TOKENIZER,
     data.text_field, data.shard_tokens, data.prepare_workers, ...)."""
-    from ..config import load_config
-    from ..model import load_tokenizer
+    from train.config import load_config
+    from train.worker.model import load_tokenizer
 
     out, sources, overrides = None, [], []
     it = iter(argv)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError
+from train.config import ConfigError
 
 FORMAT = "train-tokens/1"
 MANIFEST = "manifest.json"

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ..config import ConfigError
-from ..corpus import BUILTIN_DATASETS
+from train.config import ConfigError
+from train.corpus import BUILTIN_DATASETS
 
 _FILE_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
                   ".parquet": "parquet", ".csv": "csv"}
