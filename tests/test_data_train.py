@@ -8,7 +8,7 @@ import math
 import pytest
 
 from helpers import kill_tree, prepare_cli, read_metrics, start, train, wait_for_step
-from train.checkpoint import complete_checkpoints
+from train.checkpoint.layout import complete_checkpoints
 
 pytestmark = pytest.mark.slow
 STEPS = 8
