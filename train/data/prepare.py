@@ -328,6 +328,11 @@ def main(argv: list[str]) -> None:
     from train.config import load_config
     from train.worker.model import load_tokenizer
 
+    usage = ("usage: python -m train prepare --out DIR SOURCE... [key=value ...]; SOURCE is anything DATASET accepts "
+             "(file, directory, hub id, builtin:tiny-stories); MODEL/TOKENIZER choose the tokenizer (docs/data.md)")
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage)
+        return
     out, sources, overrides = None, [], []
     it = iter(argv)
     for a in it:
@@ -340,8 +345,7 @@ def main(argv: list[str]) -> None:
         else:
             sources.append(a)
     if not out or not sources:
-        raise ConfigError("usage: python -m train prepare --out DIR SOURCE... [key=value ...]; SOURCE is anything "
-                          "DATASET accepts (file, directory, hub id, builtin:tiny-stories)")
+        raise ConfigError(usage)
     cfg = load_config(overrides)
     tokenizer = load_tokenizer(cfg.model)
     t0 = time.monotonic()
