@@ -261,6 +261,24 @@ def test_permutation_depends_only_on_seed_and_epoch():
     assert len(a.permutation(0)) == 96  # whole global batches only
 
 
+def test_the_order_is_a_permutation_and_a_billion_blocks_cost_a_rank_no_memory():
+    import itertools
+    import tracemalloc
+
+    from train.data.loader import KeyedPermutation
+
+    for n in (1, 2, 3, 96, 1001, 65_537):
+        assert sorted(KeyedPermutation(n, seed=7)(np.arange(n, dtype=np.uint64)).tolist()) == list(range(n))
+    sampler = GlobalCursorSampler(10**9, 8, seed=3)
+    sampler.set_position(2, 8 * 10**6)  # a resume deep into epoch 2: no skipping, nothing materialized
+    tracemalloc.start()
+    first = list(itertools.islice(iter(sampler), 100_000))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(set(first)) == 100_000 and 0 <= min(first) and max(first) < 10**9
+    assert peak < 50e6, peak  # randperm would hold 8 GB, its tolist ~40 GB
+
+
 def _steps(world: int, accum: int, micro: int, start: int = 0, epoch: int = 0, dataset=None, n: int = 96):
     """Which samples each optimizer step consumes, using accelerate's own rank sharding."""
     sampler = GlobalCursorSampler(n, micro * accum * world, seed=5, dataset=dataset)
