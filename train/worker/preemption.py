@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 
 
-
 class StopSignal:
     def __init__(self):
         self.received: int | None = None
