@@ -9,9 +9,11 @@ every public name of them.
 - ``versions``: pins and the dev extra's tools.
 - ``artifacts``: a small pretrained model, W&B offline runs.
 - ``slurm``: a real slurmctld and two slurmd on this host (SlurmCluster).
+- ``data``: generated corpora, `python -m train prepare` (write_docs, prepare_cli, dir_bytes).
 """
 
 from helpers.artifacts import *  # noqa: F403
+from helpers.data import *  # noqa: F403
 from helpers.docker import *  # noqa: F403
 from helpers.jobs import *  # noqa: F403 - first: sets HF_HUB_OFFLINE before anything imports huggingface_hub
 from helpers.k8s import *  # noqa: F403
