@@ -545,6 +545,47 @@ def save_tiny_pretrained(path: Path) -> Path:
     return path
 
 
+# -- fp16 loss scaling in one process (test_precision, test_gpu_host) ------------------------
+def fp16_accelerator(device: str):
+    """accelerate with the GradScaler it uses for fp16 on a GPU. On CUDA it is accelerate's own;
+    accelerate makes none on CPU, so there the same torch GradScaler is handed to it before
+    `prepare` (the optimizer wrapper, backward and step are accelerate's real code)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    if device == "cuda":
+        acc = Accelerator(mixed_precision="fp16")
+    else:
+        acc = Accelerator(cpu=True)
+        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    assert acc.scaler is not None
+    return acc
+
+
+def one_step(acc, model, opt, sched, inject_inf: bool) -> bool:
+    """One training step of a prepared model under the loop's rules; True if it was skipped."""
+    import torch
+
+    from train.worker.accelerator import optimizer_step_skipped
+
+    x = torch.randn(4, 8, device=acc.device)
+    with acc.autocast():
+        loss = model(x).float().pow(2).mean()
+    acc.backward(loss)
+    if inject_inf:
+        next(model.parameters()).grad.view(-1)[0] = float("inf")
+    norm = acc.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    skipped = optimizer_step_skipped(acc, norm)
+    if not skipped:  # the loop's rule: an overflowed step does not advance the LR schedule
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    return skipped
+
+
 # -- W&B offline runs ------------------------------------------------------------------------
 _WANDB_BLOCK, _WANDB_HEADER = 32768, 7  # LevelDB-style log: 32 KiB blocks, 7-byte record headers
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,8 +19,11 @@ from helpers import (
     REPO,
     assert_refused,
     fake_nvidia_smi,
+    fp16_accelerator,
     job_env,
     kill_tree,
+    one_step,
+    parse_dockerfile,
     start,
     worker_pids,
 )
@@ -86,3 +90,160 @@ def test_device_cpu_hides_every_gpu_from_the_workers(tmp_path):
     finally:
         kill_tree(proc)
         proc.wait(timeout=60)
+
+
+# -- 4. a converted resume into a fused AdamW ------------------------------------------------------
+@pytest.mark.parametrize("kind", ["fused", "capturable", "plain"])
+def test_resumed_step_lives_where_the_optimizer_reads_it(kind):
+    """resume.py sets every state's `step` by hand under ZeRO (no load_state_dict): fused and
+    capturable AdamW read it in device code, so it must sit on the parameter's device as float32,
+    as torch's load_state_dict would put it. The meta device stands in for a GPU: any device
+    that is not the CPU shows where the tensor went."""
+    import torch
+
+    from train.checkpoint.resume import set_steps
+
+    p = torch.nn.Parameter(torch.zeros(4, device="meta"))
+    opt = torch.optim.AdamW([p], **({} if kind == "plain" else {kind: True}))
+    opt.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    set_steps(opt, 7)
+    step = opt.state[p]["step"]
+    want = torch.device("cpu") if kind == "plain" else p.device
+    assert (step.device, step.dtype) == (want, torch.float32)
+    if kind == "plain":
+        assert step.item() == 7
+
+
+# -- 7. DeepSpeed reduces and accumulates gradients in fp32, as DDP and FSDP2 -------------------
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3-offload"])
+def test_deepspeed_reduces_and_accumulates_gradients_in_fp32(name, precision):
+    """Read back by DeepSpeed's own config parser: what its engine will use. Without these keys it
+    reduces and accumulates in the model's dtype (bf16/fp16), unlike DDP and FSDP2. ZeRO-1 in bf16
+    is the one exception (fp32 accumulation swaps in DeepSpeed's BF16_Optimizer): it reduces in fp32."""
+    import torch
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from train.config import load_config
+    from train.config.strategies import STRATEGIES
+    from train.worker.accelerator import deepspeed_config
+
+    cfg = load_config([f"STRATEGY={name}", f"PRECISION={precision}", "MICRO_BATCH=4"])
+    for device in ("cpu", "cuda"):
+        parsed = DeepSpeedConfig(deepspeed_config(STRATEGIES[name], cfg, 1, 1, 64, device))
+        assert parsed.communication_data_type == torch.float32
+        bf16_zero1 = name == "zero1" and precision == "bf16"
+        assert parsed.grad_accum_dtype == (None if bf16_zero1 else "fp32")
+
+
+def test_fp32_training_adds_no_dtype_keys():
+    from train.config import load_config
+    from train.config.strategies import STRATEGIES
+    from train.worker.accelerator import deepspeed_config
+
+    ds = deepspeed_config(STRATEGIES["zero2"], load_config(["STRATEGY=zero2", "PRECISION=no"]), 1, 1, 64, "cuda")
+    assert "communication_data_type" not in ds and "data_types" not in ds
+
+
+# -- 8. fp16: the loss scale and skipped steps in the metrics rows --------------------------------
+def test_fp16_rows_carry_the_loss_scale_and_the_skipped_steps(tmp_path, capsys):
+    """A run stuck at the minimum loss scale showed only grad_norm=inf. accelerate's GradScaler
+    (handed over on CPU, as on a GPU) and a fused AdamW, one overflowed step then a finite one:
+    each log row, and the loop's printed line, say the scale and how many steps were skipped."""
+    import torch
+
+    from train.config import load_config
+    from train.checkpoint.saver import TrainState
+    from train.worker.metrics import MetricsLog, MetricsWindow, loss_scale
+
+    acc = fp16_accelerator("cpu")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model, opt, sched = acc.prepare(model, opt, sched)
+    window = MetricsWindow(acc, load_config([]).log, 2, 1, 32, None, None, scale=lambda: loss_scale(acc, opt))
+    log = MetricsLog(acc, str(tmp_path), 2, 0, progress=False)
+    state, rows = TrainState(), []
+    for inject_inf in (True, False):
+        skipped = one_step(acc, model, opt, sched, inject_inf)
+        window.add(torch.zeros(()), torch.zeros((), dtype=torch.long))
+        if skipped:
+            window.step_skipped()
+        state.step += 1
+        rows.append(window.record(state, 1e-2, torch.tensor(1.0), None))
+        log.log(rows[-1])
+    log.close()
+    assert [(r["loss_scale"], r["skipped_steps"]) for r in rows] == [(2.0**15, 1), (2.0**15, 0)]
+    printed = capsys.readouterr().out.splitlines()
+    assert "loss_scale=3.277e+04 skipped_steps=1" in printed[0] and "skipped_steps=0" in printed[1]
+
+
+def test_bf16_and_fp32_rows_have_no_loss_scale():
+    """Without loss scaling (no `scale`) the rows stay as they were."""
+    import torch
+
+    from train.config import load_config
+    from train.checkpoint.saver import TrainState
+    from train.worker.metrics import MetricsWindow
+
+    acc = fp16_accelerator("cpu")
+    window = MetricsWindow(acc, load_config([]).log, 1, 1, 32, None, None)
+    window.add(torch.zeros(()), torch.zeros((), dtype=torch.long))
+    state = TrainState()
+    state.step = 1
+    assert "loss_scale" not in window.record(state, 1e-2, None, None)
+
+
+# -- 10. the image's CPU ops are built for a portable target, not the build machine ---------------
+PORTABLE = REPO / "docker" / "portable-cpu-ops.sh"
+
+
+def test_deepspeeds_op_builder_made_portable_picks_avx2_on_any_build_machine(tmp_path):
+    """The pinned DeepSpeed's own builder (op_builder/builder.py), rewritten by the image's script,
+    then asked for its flags on this machine. Unrewritten it answers -march=native and, on a build
+    machine with AVX-512, AVX-512 code: SIGILL on older nodes in zero3-offload."""
+    import importlib.util
+
+    import deepspeed.ops.op_builder.builder as installed
+
+    shutil.copy(installed.__file__, tmp_path / "builder.py")
+    p = subprocess.run([str(PORTABLE), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    spec = importlib.util.spec_from_file_location("portable_op_builder", tmp_path / "builder.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+
+    class CPUOp(builder.OpBuilder):  # what CPU Adam's builder asks (op_builder/cpu/builder.py cxx_args)
+        def absolute_name(self):
+            return "cpu_op"
+
+        def sources(self):
+            return []
+
+    op = CPUOp("cpu_op")
+    assert op.cpu_arch() == "-march=x86-64-v3"
+    assert op.simd_width() in ("-D__AVX256__", "-D__SCALAR__")  # SCALAR: a build machine without AVX2
+    # A second run finds nothing to rewrite and says so (a DeepSpeed that picks flags another way).
+    again = subprocess.run([str(PORTABLE), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "update docker/portable-cpu-ops.sh" in again.stderr
+
+
+def test_both_image_flavours_build_cpu_ops_portably_and_check_for_avx512():
+    """deps rewrites the installed builder (the CPU flavour's warm step and a run's JIT load then
+    agree on the flags), ops-cuda rewrites DeepSpeed's source before its ahead-of-time build, and
+    each op stage refuses a build holding AVX-512 (zmm) instructions."""
+    args, stages = parse_dockerfile()
+    assert (args["CPU_OPS_MARCH"], args["CPU_OPS_SIMD"]) == ("x86-64-v3", "AVX256")
+    runs = {name: " ".join(r for w, r in stages[name]["body"] if w == "RUN") for name in ("deps", "ops-cpu", "ops-cuda")}
+    deps = runs["deps"]
+    assert deps.index("portable-cpu-ops") > deps.index('"deepspeed==${DEEPSPEED_VERSION}"')
+    assert "/ops/op_builder" in deps
+    cuda = runs["ops-cuda"]
+    assert cuda.index("pip download") < cuda.index("portable-cpu-ops") < cuda.index("DS_BUILD_CPU_ADAM=1")
+    assert '/tmp/ds/deepspeed-"${DEEPSPEED_VERSION}"' in cuda, "ops-cuda installs the rewritten source"
+    for name in ("ops-cpu", "ops-cuda"):
+        assert "objdump -d" in runs[name] and "grep -c zmm" in runs[name], f"{name} does not check for AVX-512"
+        assert ("SHELL", '["/bin/bash", "-o", "pipefail", "-c"]') in stages[name]["body"]
+    copies = [r for w, r in stages["deps"]["body"] if w == "COPY"]
+    assert "docker/portable-cpu-ops.sh /usr/local/bin/portable-cpu-ops" in copies

@@ -74,7 +74,26 @@ def deepspeed_config(strategy: Strategy, cfg: RunConfig, grad_accum: int, world_
             zero["allgather_bucket_size"] = max(int(zero["allgather_bucket_size"]), CUDA_BUCKET_FLOOR)
     if cfg.train.precision == "no":
         ds.pop("fp16", None), ds.pop("bf16", None)
+    elif zero:
+        reduce_in_fp32(ds, cfg.train.precision)
     return ds
+
+
+def reduce_in_fp32(ds: dict[str, Any], precision: str) -> None:
+    """Gradients reduced across ranks and accumulated across micro-batches in fp32 under bf16/fp16,
+    as DDP (fp32 parameters, so fp32 gradients) and FSDP2 (reduce_dtype=fp32) do. DeepSpeed's
+    default is the model's dtype for both, which loses the small gradients' bits in the sum.
+
+    One exception: ZeRO-1 in bf16 without offload keeps bf16 accumulation (its reduction is
+    still fp32): fp32 accumulation there makes DeepSpeed replace the ZeRO optimizer with its
+    BF16_Optimizer (engine._do_optimizer_sanity_check), another optimizer with another
+    checkpoint layout. A value the strategy's JSON sets itself wins.
+    """
+    zero = ds["zero_optimization"]
+    ds.setdefault("communication_data_type", "fp32")
+    offloaded = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
+    if not (precision == "bf16" and int(zero.get("stage", 0)) == 1 and not offloaded):
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
 
 
 def build_accelerator(cfg: RunConfig, strategy: Strategy | None, grad_accum: int, world_size: int,
