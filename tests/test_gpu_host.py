@@ -247,3 +247,35 @@ def test_both_image_flavours_build_cpu_ops_portably_and_check_for_avx512():
         assert ("SHELL", '["/bin/bash", "-o", "pipefail", "-c"]') in stages[name]["body"]
     copies = [r for w, r in stages["deps"]["body"] if w == "COPY"]
     assert "docker/portable-cpu-ops.sh /usr/local/bin/portable-cpu-ops" in copies
+
+
+# -- 11. the RTX 3090's peak is its fp32-accumulate tensor rate ----------------------------------
+def test_rtx_3090_peak_is_the_fp32_accumulate_rate():
+    """GeForce GA102 runs fp16/bf16 tensor math with fp32 accumulation (what training uses) at half
+    its fp16-accumulate rate: 71 TFLOPS dense, not 142 (NVIDIA's GA102 whitepaper, table 9)."""
+    from train.flops import peak_flops
+
+    assert peak_flops("NVIDIA GeForce RTX 3090", "bf16") == peak_flops("NVIDIA GeForce RTX 3090", "fp16") == 71e12
+    assert peak_flops("NVIDIA GeForce RTX 3090", "no") == 35.6e12
+
+
+# -- 3. make venv's warm step finds the venv's ninja ----------------------------------------------
+def test_make_venvs_warm_step_runs_the_venvs_ninja(tmp_path):
+    """torch's JIT runs `ninja` from PATH (cpp_extension.is_ninja_available). `make venv` installs
+    ninja into the venv, but a venv's bin is not on PATH unless activated: the warm step would
+    then fail without a system ninja, or build with another version than the runs use. The warm
+    line `make venv` runs, with the venv's python asked which ninja it gets, on a PATH that also
+    holds another ninja (as /usr/bin here)."""
+    venv, other = tmp_path / "venv", tmp_path / "system"
+    for d, version in ((venv / "bin", "venv"), (other, "system")):
+        d.mkdir(parents=True)
+        (d / "ninja").write_text(f"#!/bin/sh\necho 1.11.1-{version}\n")
+        (d / "ninja").chmod(0o755)
+    (venv / "bin" / "python").symlink_to(sys.executable)  # the standard library is all the probe needs
+    path = f"{other}:{os.environ['PATH']}"
+    dry = subprocess.run(["make", "-n", "-f", str(REPO / "Makefile"), "venv", f"VENV={venv}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": path})
+    (warm,) = [ln for ln in dry.stdout.splitlines() if ln.endswith("-m train warm")]
+    probe = warm.replace("-m train warm", "-c \"import subprocess; print(subprocess.check_output(['ninja', '--version'], text=True))\"")
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": path})
+    assert out.stdout.strip() == "1.11.1-venv", warm + "\n" + out.stdout + out.stderr
