@@ -529,15 +529,16 @@ def job_action(job_spec: dict, exit_code: int | None, conditions: tuple[str, ...
 # -- a small pretrained model, saved once, loaded by path like any hub model ----------------
 
 
-def save_tiny_pretrained(path: Path) -> Path:
+def save_tiny_pretrained(path: Path, **sizes) -> Path:
     """The llama-debug preset with the built-in tokenizer, written with save_pretrained: a
-    "pretrained" model for fine-tuning tests without a download."""
+    "pretrained" model for fine-tuning tests without a download. ``sizes``: model.* size keys
+    (hidden_size, num_layers, intermediate_size, num_heads) for a bigger one."""
     import torch
 
     from train.config import ModelConfig
     from train.worker.model import build_model, load_tokenizer
 
-    cfg = ModelConfig(name="llama-debug")
+    cfg = ModelConfig(name="llama-debug", **sizes)
     tok = load_tokenizer(cfg)
     torch.manual_seed(0)
     build_model(cfg, len(tok)).save_pretrained(path, safe_serialization=True)
@@ -664,6 +665,16 @@ def workers_of(output_dir: Path) -> list[psutil.Process]:
         if mine:
             found.append(p)
     return found
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set size so far (VmHWM), in bytes; 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+    return int(m.group(1)) * 1024 if m else 0
 
 
 def worker_pids(output_dir: Path, count: int, timeout: float = 60) -> dict[int, int]:

@@ -2,7 +2,9 @@
 
 - The venv's torch build follows the NVIDIA driver (a fake `nvidia-smi` on PATH), and a launch
   on a host whose GPUs torch cannot use is refused in one line instead of training on CPU.
-- DEVICE=cpu hides every GPU from the workers.
+- DEVICE=cpu hides every GPU from the workers; FSDP2 reads a pretrained model on rank 0 only.
+- Resuming into a fused AdamW, DeepSpeed's gradient dtypes, fp16's loss scale in the metrics,
+  the image's portable CPU ops, the venv's ninja, a peak-FLOPS row.
 (The cases only a GPU can show are in tests/test_gpu.py.)
 """
 
@@ -12,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -24,6 +27,8 @@ from helpers import (
     kill_tree,
     one_step,
     parse_dockerfile,
+    peak_rss,
+    save_tiny_pretrained,
     start,
     worker_pids,
 )
@@ -77,19 +82,58 @@ def test_device_cpu_on_a_gpu_host_is_a_choice_not_refused(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
 
 
-# -- 2. DEVICE=cpu hides the GPUs ----------------------------------------------------------------
-@pytest.mark.slow
-def test_device_cpu_hides_every_gpu_from_the_workers(tmp_path):
-    """On a GPU workstation (CUDA_VISIBLE_DEVICES=0,1 set) an fsdp job with DEVICE=cpu: accelerate
-    would pick CUDA under the forced gloo backend for any GPU the workers can see."""
-    proc = start(tmp_path / "out", env={"CUDA_VISIBLE_DEVICES": "0,1"}, STRATEGY="fsdp", MAX_STEPS="2")
-    try:  # the workers' environment is what they start with: read it, no need to train
-        pids = worker_pids(tmp_path / "out", 2, timeout=180)
-        seen = {rank: psutil.Process(pid).environ().get("CUDA_VISIBLE_DEVICES") for rank, pid in pids.items()}
-        assert seen == {0: "", 1: ""}
+# -- 2 and 5: one 2-rank FSDP2 job on CPU, from a pretrained model, on a "GPU workstation" ---------
+# ~58M parameters (232 MB in fp32): large enough that a second copy of the weights stands out of
+# a worker's own ~0.5 GB (Python, torch, transformers), small enough for one step on 2 busy cores.
+BIG = {"hidden_size": 768, "intermediate_size": 2048, "num_layers": 8, "num_heads": 12}
+
+
+@pytest.fixture(scope="module")
+def fsdp_pretrained(tmp_path_factory):
+    """The job's result, each worker's environment, and each rank's peak RSS up to the end of
+    loading and sharding: rank 1 is held 20 s before its first batch (a failpoint), and the peaks
+    are read halfway through, before training's own memory (all-gathers, gradients, Adam) adds
+    to them."""
+    tmp = tmp_path_factory.mktemp("fsdp-pretrained")
+    model_dir = save_tiny_pretrained(tmp / "model", **BIG)
+    model_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    proc = start(tmp / "out", env={"CUDA_VISIBLE_DEVICES": "0,1", "TRAIN_FAILPOINTS": "data_sleep=1@1:20"},
+                 STRATEGY="fsdp", MODEL=str(model_dir), MAX_STEPS="1", CHECKPOINT_EVERY="0",
+                 **{"checkpoint.export": "false"})
+    try:
+        pids = worker_pids(tmp / "out", 2, timeout=240)
+        envs = {rank: psutil.Process(pid).environ() for rank, pid in pids.items()}
+        deadline = time.monotonic() + 300
+        while "model prepared as" not in proc.log_path.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, "the model was not prepared in 300 s"
+            time.sleep(0.2)
+        time.sleep(8)
+        peaks = {rank: peak_rss(pid) for rank, pid in pids.items()}
+        proc.wait(timeout=300)
     finally:
         kill_tree(proc)
         proc.wait(timeout=60)
+    return {"returncode": proc.returncode, "log": proc.log_path.read_text(), "envs": envs, "peaks": peaks,
+            "model_bytes": model_bytes}
+
+
+@pytest.mark.slow
+def test_device_cpu_hides_every_gpu_from_the_workers(fsdp_pretrained):
+    """On a GPU workstation (CUDA_VISIBLE_DEVICES=0,1 set) an fsdp job with DEVICE=cpu: accelerate
+    would pick CUDA under the forced gloo backend for any GPU the workers can see."""
+    assert {rank: env.get("CUDA_VISIBLE_DEVICES") for rank, env in fsdp_pretrained["envs"].items()} == {0: "", 1: ""}
+
+
+@pytest.mark.slow
+def test_fsdp2_reads_a_pretrained_model_on_rank0_only(fsdp_pretrained):
+    """Rank 1 builds the model without weights and receives its shard from rank 0: its peak RSS
+    stays a model's size below rank 0's (which read the whole model), instead of both holding it."""
+    run = fsdp_pretrained
+    assert run["returncode"] == 0, run["log"][-4000:]
+    size, peaks = run["model_bytes"], run["peaks"]
+    assert size > 200e6
+    assert peaks[0] - peaks[1] > 0.6 * size, (f"rank 0 peaked at {peaks[0] / 1e6:.0f} MB, rank 1 at "
+                                              f"{peaks[1] / 1e6:.0f} MB, for a {size / 1e6:.0f} MB model")
 
 
 # -- 4. a converted resume into a fused AdamW ------------------------------------------------------
@@ -279,3 +323,49 @@ def test_make_venvs_warm_step_runs_the_venvs_ninja(tmp_path):
     probe = warm.replace("-m train warm", "-c \"import subprocess; print(subprocess.check_output(['ninja', '--version'], text=True))\"")
     out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, timeout=60, env={**os.environ, "PATH": path})
     assert out.stdout.strip() == "1.11.1-venv", warm + "\n" + out.stdout + out.stderr
+
+
+# -- TORCH=system: the stack on top of a torch the Python already has -------------------------------
+def make_venv_dry(tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-n", "-f", str(REPO / "Makefile"), "venv", f"VENV={tmp_path / 'venv'}",
+                           f"PYTHON={sys.executable}", *extra], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_torch_system_keeps_the_pythons_torch_and_installs_around_it(tmp_path):
+    """An NGC or cloud image's CUDA torch: the venv sees it (--system-site-packages), no torch is
+    installed, and every later pip install is held to exactly that torch by a constraint."""
+    lines = make_venv_dry(tmp_path, "TORCH=system").stdout.splitlines()
+    assert any(ln.endswith(f"-m venv --system-site-packages {tmp_path / 'venv'}") for ln in lines)
+    assert not [ln for ln in lines if "pip install" in ln and ln.endswith(" torch")]
+    (held,) = [ln for ln in lines if ln.startswith("sed ")]
+    script = held.replace(f"{tmp_path / 'venv'}/constraints.txt", str(tmp_path / "constraints.txt"))
+    subprocess.run(["bash", "-c", script], cwd=REPO, check=True, timeout=60)
+    import torch
+
+    assert f"torch=={torch.__version__}\n" in (tmp_path / "constraints.txt").read_text()
+    installs = [ln for ln in lines if "pip install" in ln and "pip>=24" not in ln]
+    assert len(installs) == 2 and all(f"-c {tmp_path / 'venv'}/constraints.txt" in ln for ln in installs)
+
+
+def test_torch_system_refuses_a_torch_outside_the_supported_range_in_one_line(tmp_path):
+    """Checked from the installed distribution's metadata, without importing it (an old torch can
+    fail to import with today's numpy); a fake torch 2.4.0 earlier on the path stands in for it."""
+    dist = tmp_path / "site" / "torch-2.4.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.4.0\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    p = subprocess.run([sys.executable, "-m", "train", "info", "system-torch"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stdout == ""
+    (line,) = p.stderr.splitlines()
+    assert "torch 2.4.0" in line and "supported: 2.13.x" in line
+    ok = subprocess.run([sys.executable, "-m", "train", "info", "system-torch"], cwd=REPO, capture_output=True,
+                        text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip().startswith("2.13.")
+
+
+def test_a_misspelt_torch_choice_is_refused_before_anything_is_made(tmp_path):
+    p = subprocess.run(["make", "-f", str(REPO / "Makefile"), "venv", f"VENV={tmp_path / 'venv'}", "TORCH=sytem"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "TORCH=sytem: the one value is system" in p.stderr
+    assert not (tmp_path / "venv").exists()

@@ -119,7 +119,7 @@ COMMANDS: dict[str, Command] = {
     "bench": Command(_bench, "the benchmark table (train/tools/bench/)"),
     "env": Command(_env, "versions of everything that matters, and `accelerate env`"),
     "warm": Command(_warm, "pre-build DeepSpeed's JIT ops for this machine (done by `make` at install time)"),
-    "info": Command(_info, "version | pin PACKAGE | strategies | compose | torch-index: one fact about this checkout, for make"),
+    "info": Command(_info, "version | pin PACKAGE | strategies | compose | torch-index | system-torch: one fact about this checkout, for make"),
     "hang-report": Command(_hang_report, "OUTPUT_DIR: which rank hung, where: the table and verdict of the newest hang dump"),
     "export": Command(_export, "CKPT OUT: a Hugging Face model (safetensors, config, tokenizer) from any checkpoint"),
     "convert": Command(_convert, "CKPT OUT --to STRATEGY [--world-size N]: a checkpoint that resumes under STRATEGY"),

@@ -205,19 +205,28 @@ def fsdp_plugin_settings(cfg: RunConfig, device: str) -> dict[str, Any]:
     - Mixed precision: parameters and outputs in bf16/fp16, gradients *reduced in fp32*
       (torchtitan's default). accelerate's default policy reduces in the low precision, which
       loses the small gradients' bits when summing across many ranks.
-    - A pretrained model on CUDA loads on rank 0 only and is broadcast while sharding
-      (cpu_ram_efficient_loading): otherwise every rank holds the full fp32 model in host RAM
-      (8 x 32 GB per node for an 8B model). On CPU the checked recipe keeps it off.
+    - A pretrained model loads on rank 0 only and is broadcast while sharding
+      (cpu_ram_efficient_loading; the other ranks build it without weights: ``loads_on_rank0_only``):
+      otherwise every rank holds the full fp32 model in host RAM (8 x 32 GB per node for an 8B model).
     """
-    from train.worker.model import is_preset
-
     out: dict[str, Any] = {}
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     if low is not None:
         out["mixed_precision_policy"] = {"param_dtype": low, "reduce_dtype": torch.float32, "output_dtype": low}
-    if device == "cuda" and not is_preset(cfg.model.name):
+    if loads_on_rank0_only(cfg, "fsdp"):
         out["cpu_ram_efficient_loading"] = True
     return out
+
+
+def loads_on_rank0_only(cfg: RunConfig, family: str | None) -> bool:
+    """FSDP2 with a pretrained model: rank 0 reads the weights, every other rank builds the model
+    with its parameters on the meta device (no memory), and accelerate broadcasts rank 0's
+    weights shard by shard in ``prepare`` (fsdp2_load_full_state_dict). transformers' own
+    rank-0 loading (``is_fsdp_enabled``) is written for FSDP1 and cannot be relied on here.
+    Presets are built, not read: every rank builds its own, identically seeded."""
+    from train.worker.model import is_preset
+
+    return family == "fsdp" and not is_preset(cfg.model.name)
 
 
 def fused_adamw(strategy: Strategy | None, precision: str, device: str) -> bool:

@@ -34,6 +34,7 @@ from train.worker.accelerator import (
     align_scheduler,
     build_accelerator,
     fused_adamw,
+    loads_on_rank0_only,
     optimizer_step_skipped,
     prepare_alone,
 )
@@ -169,7 +170,9 @@ def setup(cfg: RunConfig) -> Run:
         splits = data_mod.build_splits(cfg.data, tokenizer, cfg.seed)
     if model is None:
         set_seed(cfg.seed)
-        model = build_model(cfg.model, len(tokenizer))
+        family = strategy.family if strategy is not None and world > 1 else None
+        model = build_model(cfg.model, len(tokenizer),
+                            without_weights=loads_on_rank0_only(cfg, family) and not acc.is_main_process)
     if lora.enabled(cfg.model):
         set_seed(cfg.seed)  # the same adapter init on every rank and under every strategy
         model = lora.apply_lora(model, cfg.model)
