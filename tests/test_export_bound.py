@@ -8,14 +8,13 @@ plain barrier on the main group (what the export used) times out under the same 
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import os
 import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import free_port

@@ -6,7 +6,7 @@ checks are the mistakes that render and validate fine but break a run: a Service
 pods' subdomain does not match, a MASTER_ADDR that names nobody, a node count that disagrees
 with the Job's completions, a missing /dev/shm, a `latest` image, root.
 
-The helpers (render, pod_env, job_action, ...) live in tests/helpers.py, shared with test_k8s_run.py.
+The helpers (render, pod_env, job_action, ...) live in tests/helpers/, shared with test_k8s_run.py.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ _STRIP = {"CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GRO
           "MASTER_ADDR", "MASTER_PORT"}
 
 
-# -- the pods' world: network namespaces from tests/helpers.py ------------------------------------
+# -- the pods' world: network namespaces from tests/helpers/ ------------------------------------
 
 
 class Cluster:

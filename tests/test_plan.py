@@ -10,9 +10,9 @@ import pytest
 from helpers import shape_of
 
 from train.config.strategies import GRADS, OPTIM, PARAMS, STRATEGIES
-from train.worker.model import load_model_config
 from train.memory import GiB, activation_bytes, held_bytes
 from train.tools.plan import COST_ORDER, Row, main, make_plan, recommend
+from train.worker.model import load_model_config
 
 P, N = 1000, 4
 

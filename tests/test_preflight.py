@@ -1,7 +1,7 @@
 """Preflight (train/launcher/preflight.py): every launch finds the bad node, link or volume before
 training starts, and names it.
 
-Real processes throughout: machines are network namespaces on a bridge (tests/helpers.py), a
+Real processes throughout: machines are network namespaces on a bridge (tests/helpers/), a
 slow link is a token bucket on one machine's cable, a small /dev/shm or a nearly full volume is
 a tmpfs in a mount namespace. Most runs use `launch.preflight=only` (or `doctor`), which start no
 training. Needs root (CI runs as root); skipped elsewhere with the reason.

@@ -85,8 +85,14 @@ def _info(argv: list[str]) -> None:
     info_main(argv)
 
 
+def _verify(argv: list[str]) -> int:
+    from train.tools.verify import main as verify_main
+
+    return verify_main(argv)
+
+
 def _hang_report(argv: list[str]) -> None:
-    from train.launcher.hang import main as hang_main
+    from train.tools.hang_report import main as hang_main
 
     hang_main(argv)
 
@@ -119,7 +125,10 @@ COMMANDS: dict[str, Command] = {
     "bench": Command(_bench, "the benchmark table (train/tools/bench/)"),
     "env": Command(_env, "versions of everything that matters, and `accelerate env`"),
     "warm": Command(_warm, "pre-build DeepSpeed's JIT ops for this machine (done by `make` at install time)"),
-    "info": Command(_info, "version | pin PACKAGE | strategies | compose | torch-index | system-torch: one fact about this checkout, for make"),
+    "info": Command(_info, "version | pin PACKAGE | strategies | compose | torch-index | system-torch: one fact "
+                           "about this checkout, for make"),
+    "verify": Command(_verify, "CKPT [--steps N] [key=value ...]: replay N steps from a checkpoint and compare with "
+                               "the losses the run logged (exit 0: reproduces, 9: does not); names what differs"),
     "hang-report": Command(_hang_report, "OUTPUT_DIR: which rank hung, where: the table and verdict of the newest hang dump"),
     "export": Command(_export, "CKPT OUT: a Hugging Face model (safetensors, config, tokenizer) from any checkpoint"),
     "convert": Command(_convert, "CKPT OUT --to STRATEGY [--world-size N]: a checkpoint that resumes under STRATEGY"),

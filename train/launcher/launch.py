@@ -18,9 +18,9 @@ from train.config import ConfigError, RunConfig, selected_strategy, strategy_nam
 from train.launcher.cpus import available_cpus
 from train.launcher.inputs import check_inputs
 from train.launcher.supervisor import supervise
-from train.worker.accelerator import resolve_device
 from train.launcher.worker_env import worker_env
 from train.progress import ENV_EXPECTED_WORLD
+from train.worker.accelerator import resolve_device
 
 
 def processes_per_node(requested: int, device: str) -> int:

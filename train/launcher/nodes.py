@@ -1,6 +1,6 @@
 """Which node am I, how many are there, and where is the master: one answer for every launcher.
 
-The same image runs under four contracts. Each sets different variables, and each field is
+The same image runs under five contracts. Each sets different variables, and each field is
 taken from the first of these that supplies it:
 
 1. ``config``: our own names (``NNODES``, ``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``,
@@ -16,6 +16,12 @@ taken from the first of these that supplies it:
    process count is the classic wrong-world-size bug.
 4. ``indexed-job``: a plain Kubernetes Indexed Job gives each pod ``JOB_COMPLETION_INDEX``
    (its node rank); ``NNODES`` and ``MASTER_ADDR`` come from the manifest's env (contract 1).
+5. ``slurm``: a task of a Slurm job step (``srun``, one task per node: slurm/train.sbatch) has
+   ``SLURM_STEP_NUM_NODES``, ``SLURM_NODEID``, ``SLURM_STEP_NODELIST`` (the master is its
+   first node, at the address slurmctld knows it by: train/launcher/slurm.py), ``SLURM_JOB_ID`` (the
+   port of a multi-node job is derived from it) and, when GPUs were allocated,
+   ``SLURM_GPUS_ON_NODE``. Last, because Kubernetes contracts are explicit about training and
+   Slurm variables can leak into a pod from an image built on a cluster.
 
 Anything that disagrees with itself (rank >= nodes, a non-integer) is a ``ConfigError`` that
 names the variable, raised before any process group exists.
@@ -31,6 +37,7 @@ from typing import Callable, Mapping, Optional
 
 from train.config import ConfigError, LaunchConfig
 from train.config.exitcodes import MASTER_UNREACHABLE, Exit
+from train.launcher import slurm as slurm_env
 
 _DEFAULTS = LaunchConfig()
 
@@ -62,7 +69,7 @@ class NodeSpec:
     master_addr: str
     master_port: int
     nproc_per_node: int  # 0 = let the launcher decide from the devices
-    source: str  # which contract supplied it: "config", "pet", "pytorchjob", "indexed-job"
+    source: str  # which contract supplied it: "config", "pet", "pytorchjob", "indexed-job", "slurm"
 
 
 def _int(env: Mapping[str, str], name: str, lo: int = 0) -> int:
@@ -98,12 +105,14 @@ def _set(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "").strip() != ""  # Make and compose pass unset variables as ""
 
 
-def resolve_nodes(launch: LaunchConfig, env: Mapping[str, str]) -> NodeSpec:
+def resolve_nodes(launch: LaunchConfig, env: Mapping[str, str],
+                  node_address: Callable[[str], str] = slurm_env.node_address) -> NodeSpec:
     """The node topology for ``launch`` under whichever contract ``env`` carries (see module doc).
 
     ``launch`` already holds our own names resolved from the run file, env and command line;
     a value counts as explicit if its variable is set in ``env`` or it differs from the default.
-    A single node with no port given gets a free one (``free_port``).
+    A single node with no port given gets a free one (``free_port``). ``node_address`` maps a
+    Slurm node name to its address (scontrol; tests give their own).
     """
 
     def explicit(var: str, field: str) -> bool:
@@ -112,52 +121,70 @@ def resolve_nodes(launch: LaunchConfig, env: Mapping[str, str]) -> NodeSpec:
     # RANK + WORLD_SIZE without LOCAL_RANK is the PyTorchJob v1 pod contract; with LOCAL_RANK
     # they are a launched worker's *process* ranks and say nothing about nodes.
     pytorchjob = _set(env, "RANK") and _set(env, "WORLD_SIZE") and not _set(env, "LOCAL_RANK")
+    # A task of a Slurm job (srun sets SLURM_NODEID; the batch shell has it too, as node 0).
+    slurm = _set(env, "SLURM_JOB_ID") and _set(env, "SLURM_NODEID")
+    step = slurm_env.in_step(env)
+    slurm_nodes = "SLURM_STEP_NUM_NODES" if step and _set(env, "SLURM_STEP_NUM_NODES") else "SLURM_JOB_NUM_NODES"
+    slurm_list = "SLURM_STEP_NODELIST" if step and _set(env, "SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
     used: dict[str, str] = {}
+    var_of: dict[str, str] = {}  # field -> the variable it came from, for error messages
     defaulted: set[str] = set()
 
     def pick(field: str, candidates: list[tuple[str, str, _Parser]]) -> object:
         """The first candidate (source, variable, parser) that is set; parser None = our own name."""
         for source, var, parse in candidates:
             if parse is None and explicit(var, field):
-                used[field] = source
+                used[field], var_of[field] = source, var
                 return getattr(launch, field)
             if parse is not None and _set(env, var):
-                used[field] = source
+                used[field], var_of[field] = source, var
                 return parse(env, var)
-        used[field] = "config"  # nobody said: the run file's value or the default
+        used[field], var_of[field] = "config", candidates[0][1]  # nobody said: the run file's value or the default
         defaulted.add(field)
         return getattr(launch, field)
+
+    def first_node(e: Mapping[str, str], name: str) -> str:
+        return node_address(slurm_env.expand_hostlist(e[name])[0])
 
     nnodes = pick("nnodes", [
         ("config", "NNODES", None),
         ("pet", "PET_NNODES", _nnodes),
         *([("pytorchjob", "WORLD_SIZE", lambda e, n: _int(e, n, lo=1))] if pytorchjob else []),
+        *([("slurm", slurm_nodes, lambda e, n: _int(e, n, lo=1))] if slurm else []),
     ])
     node_rank = pick("node_rank", [
         ("config", "NODE_RANK", None),
         ("pet", "PET_NODE_RANK", _int),
         *([("pytorchjob", "RANK", _int)] if pytorchjob else []),
         ("indexed-job", "JOB_COMPLETION_INDEX", _int),
+        *([("slurm", "SLURM_NODEID", _int)] if slurm else []),
     ])
     # PyTorchJob v1's MASTER_ADDR/MASTER_PORT are our own names, so they arrive as "config".
     master_addr = pick("master_addr", [
         ("config", "MASTER_ADDR", None),
         ("pet", "PET_MASTER_ADDR", lambda e, n: e[n].strip()),
+        *([("slurm", slurm_list, first_node)] if slurm else []),
     ])
     master_port = pick("master_port", [
         ("config", "MASTER_PORT", None),
         ("pet", "PET_MASTER_PORT", lambda e, n: _int(e, n, lo=1)),
+        # Every node must agree on it; one node takes a free port below, like any single node.
+        *([("slurm", "SLURM_JOB_ID", lambda e, n: slurm_env.master_port(_int(e, n)))]
+          if slurm and int(nnodes) > 1 else []),
     ])
     nproc = pick("nproc_per_node", [
         ("config", "NPROC", None),
         ("pet", "PET_NPROC_PER_NODE", _nproc),
+        *([("slurm", "SLURM_GPUS_ON_NODE", _nproc)] if slurm else []),
     ])
 
     if int(nnodes) == 1 and "master_port" in defaulted:
         master_port = free_port()
     source = next((used[f] for f in ("node_rank", "nnodes") if used[f] != "config"), "config")
     spec = NodeSpec(int(nnodes), int(node_rank), str(master_addr), int(master_port), int(nproc), source)
-    _check(spec, used, env)
+    _check(spec, used, var_of, env)
+    if used["nnodes"] == "slurm":
+        _check_slurm(spec, env, step, slurm_nodes)
     return spec
 
 
@@ -170,18 +197,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-_VAR_OF = {  # for error messages: which variable a field came from, per source
-    ("nnodes", "config"): "NNODES", ("nnodes", "pet"): "PET_NNODES", ("nnodes", "pytorchjob"): "WORLD_SIZE",
-    ("node_rank", "config"): "NODE_RANK", ("node_rank", "pet"): "PET_NODE_RANK",
-    ("node_rank", "pytorchjob"): "RANK", ("node_rank", "indexed-job"): "JOB_COMPLETION_INDEX",
-    ("master_addr", "config"): "MASTER_ADDR", ("master_addr", "pet"): "PET_MASTER_ADDR",
-    ("master_port", "config"): "MASTER_PORT", ("master_port", "pet"): "PET_MASTER_PORT",
-}
-
-
-def _check(spec: NodeSpec, used: Mapping[str, str], env: Mapping[str, str]) -> None:
-    rank_var = _VAR_OF[("node_rank", used["node_rank"])]
-    nodes_var = _VAR_OF[("nnodes", used["nnodes"])]
+def _check(spec: NodeSpec, used: Mapping[str, str], var_of: Mapping[str, str], env: Mapping[str, str]) -> None:
+    rank_var, nodes_var = var_of["node_rank"], var_of["nnodes"]
     if spec.nnodes < 1:
         raise ConfigError(f"{nodes_var}={spec.nnodes} must be >= 1")
     if not 0 <= spec.node_rank < spec.nnodes:
@@ -191,15 +208,29 @@ def _check(spec: NodeSpec, used: Mapping[str, str], env: Mapping[str, str]) -> N
         raise ConfigError(f"{rank_var}={spec.node_rank} is not a valid node rank for "
                           f"{nodes_var}={spec.nnodes} (must be 0..{spec.nnodes - 1}){hint}")
     if not 0 < spec.master_port < 65536:
-        raise ConfigError(f"{_VAR_OF[('master_port', used['master_port'])]}={spec.master_port} is not a TCP port")
+        raise ConfigError(f"{var_of['master_port']}={spec.master_port} is not a TCP port")
     if not spec.master_addr:
-        raise ConfigError(f"{_VAR_OF[('master_addr', used['master_addr'])]} is empty")
+        raise ConfigError(f"{var_of['master_addr']} is empty")
     if spec.nnodes > 1 and spec.source != "config" and used["master_addr"] == "config" \
             and spec.master_addr == _DEFAULTS.master_addr and not _set(env, "MASTER_ADDR"):
         # A pod that is told it is one of several nodes but not where the master is would wait
         # on its own loopback forever.
         raise ConfigError(f"{nodes_var}={spec.nnodes} nodes but MASTER_ADDR is not set; point it at node 0 "
                           "(in an Indexed Job: <job>-0.<headless service>)")
+
+
+def _check_slurm(spec: NodeSpec, env: Mapping[str, str], step: bool, nodes_var: str) -> None:
+    """One launcher per node, started by srun: it starts NPROC processes on its node itself, so
+    more tasks per node would start several jobs that each expect to be the only one."""
+    if not step:
+        if spec.nnodes > 1:
+            raise ConfigError(f"{nodes_var}={spec.nnodes} but this is the batch script, not a job step: start "
+                              "`python -m train` with `srun --ntasks-per-node=1` (slurm/train.sbatch does)")
+        return
+    tasks_var = "SLURM_STEP_NUM_TASKS" if _set(env, "SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
+    if _set(env, tasks_var) and _int(env, tasks_var, lo=1) != spec.nnodes:
+        raise ConfigError(f"{tasks_var}={env[tasks_var].strip()} tasks on {nodes_var}={spec.nnodes} nodes: run one task "
+                          "per node (srun --ntasks-per-node=1); the launcher starts NPROC processes on each node itself")
 
 
 def wait_for_master(spec: NodeSpec, timeout_s: float) -> None:

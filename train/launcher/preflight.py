@@ -386,8 +386,8 @@ def checkpoint_bytes(cfg: RunConfig) -> int:
     """Bytes of one checkpoint of this run, all ranks together: the planner's parameters, Adam
     moments and (DeepSpeed) fp32 master copy at world size 1 (the shards sum to the whole)."""
     from train.config.strategies import OPTIM, PARAMS
-    from train.worker.model import load_model_config
     from train.memory import held_bytes, model_shape
+    from train.worker.model import load_model_config
 
     shape = model_shape(load_model_config(cfg), cfg.model.name, cfg.model.trust_remote_code)
     held = held_bytes(selected_strategy(cfg.launch) or "ddp", shape.params, 1, cfg.train.precision)

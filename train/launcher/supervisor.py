@@ -31,10 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from train.config import RunConfig
-from train.config import exitcodes
+from train.config import RunConfig, exitcodes
 from train.config.exitcodes import CONFIG, FAILED, HANG, OK, PREEMPTED, REPEATED_FAILURE, describe
-from train.launcher import hang
+from train.launcher import hang, hang_verdict
 from train.progress import ENV_DIR, ENV_SUPERVISOR, PR_SET_PDEATHSIG, failure_of, read_attempts
 
 POLL_S = 0.5
@@ -178,7 +177,7 @@ class Supervisor:
         hang.wait_for_dumps(self.cfg.output_dir, self.world, REPORT_WAIT_S)
         self._kill(cur)
         if self.node_rank == 0:
-            print(hang.report(self.cfg.output_dir), flush=True)
+            print(hang_verdict.report(self.cfg.output_dir), flush=True)
         return HANG, (f"no rank made progress for {idle:.0f} s; stacks in {folder} "
                       f"(python -m train hang-report {self.cfg.output_dir}); RESUME=auto continues from the last checkpoint")
 
@@ -209,16 +208,27 @@ class Supervisor:
         if rc == 0:
             return OK, ""
         if self.signalled is not None:
-            return PREEMPTED, ""
+            return PREEMPTED, self._stopped_without_checkpoint()
         for status, code in FINAL_STATUSES.items():
             msgs = [o.get("message", "") for o in cur["outcomes"].values() if o.get("status") == status]
             if msgs:
                 return code, msgs[0]
         if statuses == {exitcodes.name(PREEMPTED)}:
-            return PREEMPTED, ""
+            return PREEMPTED, self._stopped_without_checkpoint()
         reason, step = failure_of(cur) if attempts else ("the launcher failed before any worker started", 0)
         return FAILED, (f"a worker failed and the restart budget (launch.max_restarts={self.cfg.launch.max_restarts}) "
                         f"is spent: {reason} at step {step}")
+
+    def _stopped_without_checkpoint(self) -> str:
+        """A stop (time limit, preemption) that came before the first save: said once, on node 0,
+        because the next attempt starts over and a time limit would stop it at the same place."""
+        from train.checkpoint.layout import checkpoint_root, complete_checkpoints  # imports torch: only here
+
+        if self.node_rank != 0 or complete_checkpoints(checkpoint_root(self.cfg)):
+            return ""
+        name = signal.Signals(self.signalled).name if self.signalled else "a stop signal"
+        return (f"stopped by {name} before the first checkpoint was saved: the next attempt starts again at step 0; "
+                "under a time limit, give the job more time (sbatch --time) or save sooner (CHECKPOINT_EVERY)")
 
 
 # Outcomes a rank reports through progress.fatal (the table's names of final codes): the whole job

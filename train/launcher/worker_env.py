@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-
 from train.config.strategies import Strategy
 from train.progress import ENV_DEVICE
 

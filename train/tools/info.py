@@ -16,8 +16,9 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from train.config import ConfigError
 from train.config.strategies import REPO_ROOT, STRATEGIES

@@ -4,7 +4,6 @@ by hub id or local directory through `AutoModelForCausalLM`."""
 from __future__ import annotations
 
 import json
-
 import os
 from pathlib import Path
 

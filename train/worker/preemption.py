@@ -15,8 +15,6 @@ import signal
 import torch
 import torch.distributed as dist
 
-from train.config.exitcodes import PREEMPTED as EXIT_PREEMPTED  # noqa: F401 - re-exported: a stop that saved, not a success
-
 
 class StopSignal:
     def __init__(self):

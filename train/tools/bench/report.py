@@ -55,8 +55,8 @@ def _plain_pairs(runs: dict[str, list[dict]], key: str) -> list[tuple[dict, dict
 def summarize(raw: dict, s: BenchSettings, cfg: RunConfig) -> dict:
     """The report (without ``meta``) from ``measure.collect``'s raw runs: medians, ratios, targets."""
     from train.flops import device_peak_flops, flops_per_token, mfu
-    from train.worker.model import load_model_config
     from train.memory import held_bytes, model_shape
+    from train.worker.model import load_model_config
 
     conf = load_model_config(cfg)
     shape = model_shape(conf, cfg.model.name, cfg.model.trust_remote_code)
