@@ -92,14 +92,14 @@ BIG = {"hidden_size": 768, "intermediate_size": 2048, "num_layers": 8, "num_head
 @pytest.fixture(scope="module")
 def fsdp_pretrained(tmp_path_factory):
     """The job's result, each worker's environment, and each rank's peak RSS up to the end of
-    loading and sharding: rank 1 is held 20 s before its first batch (a failpoint), and the peaks
+    loading and sharding: rank 1 is held 14 s before its first batch (a failpoint), and the peaks
     are read halfway through, before training's own memory (all-gathers, gradients, Adam) adds
     to them."""
     tmp = tmp_path_factory.mktemp("fsdp-pretrained")
     model_dir = save_tiny_pretrained(tmp / "model", **BIG)
     model_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     out, port = tmp / "out", str(free_port())
-    env = job_env({"CUDA_VISIBLE_DEVICES": "0,1", "TRAIN_FAILPOINTS": "data_sleep=1@1:20"})
+    env = job_env({"CUDA_VISIBLE_DEVICES": "0,1", "TRAIN_FAILPOINTS": "data_sleep=1@1:14"})
     nodes = []  # two "machines" of one process each: rank 1 is its node's local rank 0
     for node in (0, 1):
         args = args_for(out, STRATEGY="fsdp", MODEL=str(model_dir), MAX_STEPS="1", CHECKPOINT_EVERY="0", NPROC="1",
@@ -115,7 +115,7 @@ def fsdp_pretrained(tmp_path_factory):
         while "model prepared as" not in (tmp / "node0.log").read_text() and nodes[0].poll() is None:
             assert time.monotonic() < deadline, "the model was not prepared in 300 s"
             time.sleep(0.2)
-        time.sleep(8)
+        time.sleep(6)
         peaks = {rank: peak_rss(pid) for rank, pid in pids.items()}
         codes = [p.wait(timeout=300) for p in nodes]
     finally:

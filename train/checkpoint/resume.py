@@ -99,15 +99,15 @@ def set_steps(optimizer, step: int, as_tensor: bool = True) -> None:
     CUDA AdamW of a ZeRO run resumed from a converted checkpoint fails its first step.
     DeepSpeed's own optimizers (CPU Adam) count in a plain int (``as_tensor=False``).
     """
-    for group in optimizer.param_groups:
-        on_device = group.get("fused") or group.get("capturable")
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            if not st or "step" not in st:
-                continue
-            if not as_tensor:
-                st["step"] = step
-            elif on_device:
-                st["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
-            else:
-                st["step"] = torch.tensor(float(step))
+    # Over the states, not the groups' params: ZeRO-3 points its optimizer's param group at one
+    # fp32 partition at a time (stage3._optimizer_step), so the groups do not list every state's key.
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    for p, st in optimizer.state.items():
+        if "step" not in st:
+            continue
+        if not as_tensor:
+            st["step"] = step
+        elif on_device:
+            st["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+        else:
+            st["step"] = torch.tensor(float(step))
