@@ -67,7 +67,7 @@ endif
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m train warm
 	touch $@
 
-.PHONY: help venv train doctor test test-fast test-gpu lint env config keys plan bench strategies clean
+.PHONY: help venv train prepare doctor test test-fast test-gpu lint env config keys plan bench strategies clean
 
 help: ## Show targets and run settings
 	@echo "Usage: make TARGET [NAME=value ...]   e.g. make train STRATEGY=zero2 NPROC=2 MAX_STEPS=50"
@@ -82,6 +82,10 @@ venv: $(STAMP) ## Create the virtualenv with pinned dependencies (other targets 
 
 train: $(STAMP) ## Train (default: tiny Llama on the built-in corpus, DDP, 2 processes, offline)
 	$(TRAIN) launch $(ARGS)
+
+prepare: $(STAMP) ## Tokenize sources into token shards once: make prepare OUT=DIR SOURCES="file-or-dir-or-hub-id ..." (MODEL/TOKENIZER as for train)
+	@test -n "$(OUT)" -a -n "$(SOURCES)" || { echo 'usage: make prepare OUT=DIR SOURCES="SOURCE ..." [MODEL=...]'; exit 2; }
+	$(PY) -m train prepare --out $(OUT) $(SOURCES) $(ARGS)
 
 doctor: $(STAMP) ## Preflight checks alone on this node (shm, disk, GPUs; with NNODES>1 shared storage and links)
 	$(TRAIN) doctor $(ARGS)

@@ -109,6 +109,12 @@ def _convert(argv: list[str]) -> None:
     convert_main("convert", argv)
 
 
+def _prepare(argv: list[str]) -> None:
+    from train.data.prepare import main as prepare_main
+
+    prepare_main(argv)
+
+
 class Command(NamedTuple):
     run: Callable[[list[str]], int | None]
     help: str
@@ -132,6 +138,7 @@ COMMANDS: dict[str, Command] = {
     "hang-report": Command(_hang_report, "OUTPUT_DIR: which rank hung, where: the table and verdict of the newest hang dump"),
     "export": Command(_export, "CKPT OUT: a Hugging Face model (safetensors, config, tokenizer) from any checkpoint"),
     "convert": Command(_convert, "CKPT OUT --to STRATEGY [--world-size N]: a checkpoint that resumes under STRATEGY"),
+    "prepare": Command(_prepare, "--out DIR SOURCE... [key=value]: tokenize sources into token shards (docs/data.md)"),
 }
 
 

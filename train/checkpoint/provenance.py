@@ -151,14 +151,28 @@ def data_identity(cfg: DataConfig) -> dict[str, Any]:
     """What the run trains from: for files, a hash over every file's name and content (and each
     file's own hash, which names a changed shard); for a hub dataset, its id (the hub's own
     revision is not known offline)."""
-    from train.data import resolve_source
+    import dataclasses
 
-    _, kwargs = resolve_source(cfg)
-    if "data_files" not in kwargs:
-        return {"source": cfg.dataset, "kind": "hub", "config": cfg.dataset_config or None, "sha256": None}
-    files = kwargs["data_files"]["train"]
-    files = [Path(f) for f in ([files] if isinstance(files, str) else files)]
-    base = Path(cfg.dataset) if Path(cfg.dataset).is_dir() else files[0].parent
+    from train.data import resolve_source
+    from train.data.loader import parse_mixture
+    from train.data.shards import is_prepared
+
+    if cfg.mixture:  # each source's identity, its files named under the source
+        parts = [(name, data_identity(dataclasses.replace(cfg, dataset=name, mixture="")))
+                 for name, _ in parse_mixture(cfg.mixture)]
+        total = hashlib.sha256("".join(f"{n}\0{d.get('sha256')}\0" for n, d in parts).encode())
+        return {"source": cfg.mixture, "kind": "mixture", "sha256": total.hexdigest(),
+                "files": {f"{n}/{rel}": h for n, d in parts for rel, h in (d.get("files") or {}).items()}}
+    if is_prepared(Path(cfg.dataset)):  # a prepared directory: its shards and manifest
+        files = sorted(f for f in Path(cfg.dataset).iterdir() if f.is_file())
+        base = Path(cfg.dataset)
+    else:
+        _, kwargs = resolve_source(cfg.dataset, cfg.dataset_config)
+        if "data_files" not in kwargs:
+            return {"source": cfg.dataset, "kind": "hub", "config": cfg.dataset_config or None, "sha256": None}
+        files = kwargs["data_files"]["train"]
+        files = [Path(f) for f in ([files] if isinstance(files, str) else files)]
+        base = Path(cfg.dataset) if Path(cfg.dataset).is_dir() else files[0].parent
     total, per_file, size = hashlib.sha256(), {}, 0
     for f in files:
         rel = str(f.relative_to(base)) if f.is_relative_to(base) else f.name

@@ -172,6 +172,7 @@ def setup(cfg: RunConfig) -> Run:
     prov = provenance_log.collect_and_print(cfg, acc, device)  # rank 0's record; {} on the others
     with acc.main_process_first():
         splits = data_mod.build_splits(cfg.data, tokenizer, cfg.seed)
+    data_mod.check_splits(splits, cfg.data, global_batch)
     if model is None:
         set_seed(cfg.seed)
         family = strategy.family if strategy is not None and world > 1 else None
@@ -188,7 +189,9 @@ def setup(cfg: RunConfig) -> Run:
     full = HeldBytes(parameters=ddp[PARAMS], gradients=ddp_trained[GRADS], optimizer=ddp_trained[OPTIM])
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
-    sampler = data_mod.GlobalCursorSampler(len(splits.train), global_batch, cfg.seed)
+    if acc.is_main_process:
+        print(f"[train] data: {splits.described}", flush=True)
+    sampler = data_mod.GlobalCursorSampler(len(splits.train), global_batch, cfg.seed, splits.train)
     loader = data_mod.train_loader(splits.train, sampler, cfg.train.micro_batch, cfg.data)
     evals = data_mod.eval_loader(splits.eval, cfg.train.micro_batch)
     model = prepare_alone(acc, model)
