@@ -600,13 +600,6 @@ def trainjob_job(tj: dict, runtime: dict) -> dict:
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": f"{name}-node-0"}, "spec": job_spec}
 
 
-def trainjob_pod_labels(tj: dict) -> dict:
-    """The labels a TrainJob's pod carries: its patch's, plus JobSet's and the Job controller's."""
-    name = tj["metadata"]["name"]
-    job = trainjob_job(tj, torch_runtime())
-    return {**pod_labels(job), "jobset.sigs.k8s.io/jobset-name": name}
-
-
 def torch_runtime() -> dict:
     return yaml.safe_load((K8S_VENDOR / "torch-distributed-runtime.yaml").read_text())
 
