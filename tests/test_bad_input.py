@@ -13,11 +13,9 @@ import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-from helpers import REPO, args_for, job_env, train
+from helpers import REPO, args_for, assert_refused, job_env, snapshot, train
 
 TINY_CHECKED = ["MODEL=llama-debug", "SEQ_LEN=32", "MICRO_BATCH=4", "DEVICE=cpu", "NPROC=2"]
 
@@ -57,10 +55,6 @@ def launch_here(monkeypatch, capsys):
     return run
 
 
-def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
-
-
 @pytest.fixture
 def out_dir(tmp_path):
     """An OUTPUT_DIR that already holds a run's files: a refusal must not touch them."""
@@ -70,20 +64,6 @@ def out_dir(tmp_path):
     (out / "tensorboard").mkdir()
     (out / "tensorboard" / "events").write_text("x")
     return out
-
-
-def assert_refused(p, *fragments, code=2, out=None, before=None):
-    """The user-facing contract of every refusal (see the module docstring)."""
-    text = p.stdout + p.stderr
-    assert p.returncode == code, text
-    assert "Traceback" not in text, text
-    last = [ln for ln in p.stderr.splitlines() if ln.strip()][-1]
-    assert last.startswith("error: "), text
-    for f in fragments:
-        assert f in last, last
-    assert "[launch]" not in p.stdout
-    if out is not None:
-        assert snapshot(out) == before
 
 
 def refused(run, out_dir, *args, fragments, env=None, cwd=REPO, prefix=()):
@@ -120,6 +100,8 @@ def refused(run, out_dir, *args, fragments, env=None, cwd=REPO, prefix=()):
     (["MODEL=gpt2", "model.num_layers=2"], ["model.num_layers=2 resizes presets only"]),
     (["data.text_field=body"], ["has no column 'body'; columns: ['text']"]),
     (["TOKENIZER=/no/such/tokenizer"], ["tokenizer directory '/no/such/tokenizer' not found"]),
+    (["MODEL=./models/llama-finetuned"], ["model directory './models/llama-finetuned' not found"]),
+    (["MODEL=tests/no-such-model"], ["model directory 'tests/no-such-model' not found"]),  # under a directory here
     (["SEQ_LEN=4096", "MICRO_BATCH=64"], ["gives", "blocks of SEQ_LEN=4096 tokens", "needs"]),
 ])
 def test_bad_input_is_refused_before_any_process_starts(args, fragments, out_dir, launch_here):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from train.config import ENV_VARS, ConfigError, allowed_keys, dump_yaml, load_config, resolve_batch
-from train.strategies import STRATEGIES
+from train.config.strategies import STRATEGIES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,7 +49,7 @@ def test_empty_environment_values_are_unset():
     (["PRECISION=fp8"], "unknown precision 'fp8'; allowed: no, bf16, fp16"),
     (["train.micro_batch=0"], "train.micro_batch=0 is too small"),
     (["NNODES=2", "NODE_RANK=2"], "node_rank=2 must be in [0, nnodes=2)"),
-    (["log.tensorboard=maybe"], "is not a boolean"),
+    (["log.progress=maybe"], "is not a boolean"),
     (["notakeyvalue"], "overrides look like section.key=value"),
 ])
 def test_bad_values_are_one_line_errors_naming_value_and_allowed(args, message):
@@ -116,7 +116,7 @@ def test_resume_accepts_the_short_checkpoint_name(tmp_path):
 
 
 def test_preset_size_overrides_build_another_size_and_change_the_fingerprint():
-    from train.model import model_config
+    from train.worker.model import model_config
 
     cfg = load(["MODEL=llama-tiny", "model.hidden_size=128", "model.num_layers=3", "model.num_heads=2"])
     conf = model_config(cfg.model, 640)
@@ -160,23 +160,21 @@ def accelerate_files(tmp_path_factory):
     ("fsdp.yaml", dict(strategy="fsdp", nproc_per_node=2)),
 ])
 def test_an_accelerate_config_file_runs_as_the_matching_checked_recipe(accelerate_files, name, expected):
-    from train.config import notes
 
     cfg = load([f"ACCELERATE_CONFIG={accelerate_files / name}"])
     got = {k: getattr(cfg.train if k == "precision" else cfg.launch, k) for k in expected}
     assert got == expected
     assert cfg.launch.accelerate_config == ""  # consumed: launcher and workers run the strategy row
-    assert notes(cfg)[0].startswith(f"ACCELERATE_CONFIG {accelerate_files / name} runs as the checked recipe: "
+    assert cfg.notes[0].startswith(f"ACCELERATE_CONFIG {accelerate_files / name} runs as the checked recipe: "
                                     f"STRATEGY={expected['strategy']}")
 
 
 def test_settings_given_for_this_run_win_over_the_accelerate_file_with_a_notice(accelerate_files):
-    from train.config import notes
 
     cfg = load([f"ACCELERATE_CONFIG={accelerate_files / 'multi_gpu.yaml'}", "NPROC=2"], env={"PRECISION": "no"})
     assert (cfg.launch.nproc_per_node, cfg.train.precision) == (2, "no")
-    assert "NPROC=2 (command line NPROC) wins over launch.nproc_per_node = 4 from ACCELERATE_CONFIG" in "\n".join(notes(cfg))
-    assert "PRECISION=no (environment PRECISION) wins over train.precision = 'bf16'" in "\n".join(notes(cfg))
+    assert "NPROC=2 (command line NPROC) wins over launch.nproc_per_node = 4 from ACCELERATE_CONFIG" in "\n".join(cfg.notes)
+    assert "PRECISION=no (environment PRECISION) wins over train.precision = 'bf16'" in "\n".join(cfg.notes)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -301,6 +299,22 @@ def test_make_passes_command_line_settings_and_keeps_dotenv(tmp_path):
     assert "seed: 6" in out.stdout  # the make command line wins over .env
 
 
+def test_a_misspelt_make_variable_is_refused_as_on_the_command_line(tmp_path):
+    """`make train MAX_STEP=5` would pass MAX_STEP on and run the full default: refused in one line."""
+    import subprocess
+
+    for f in ("constraints.txt", "pyproject.toml"):
+        (tmp_path / f).write_text("")
+    (tmp_path / "stamp").write_text("")
+    out = subprocess.run(["make", "-s", "-f", str(REPO / "Makefile"), "config", "MAX_STEP=5",
+                          f"VENV={REPO / '.venv'}", f"STAMP={tmp_path / 'stamp'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k not in ENV_VARS})
+    assert out.returncode != 0
+    assert "error: make variable MAX_STEP='5' is no setting; did you mean MAX_STEPS?" in out.stderr, out.stderr
+    assert "max_steps" not in out.stdout
+
+
 def test_makefile_picks_the_cpu_torch_build_unless_an_nvidia_gpu_answers(tmp_path):
     import subprocess
 
@@ -325,8 +339,52 @@ def test_makefile_picks_the_cpu_torch_build_unless_an_nvidia_gpu_answers(tmp_pat
 
 
 def test_a_dotenv_name_close_to_a_setting_gets_a_notice(tmp_path):
-    from train.config import notes
 
     (tmp_path / ".env").write_text("STRATEGYY=zero2\nHF_TOKEN=x\nNCCL_DEBUG=INFO\n")
     cfg = load(dotenv=str(tmp_path / ".env"))
-    assert notes(cfg) == [".env sets STRATEGYY, which is no setting (did you mean STRATEGY?); it is ignored"]
+    assert cfg.notes == [".env sets STRATEGYY, which is no setting (did you mean STRATEGY?); it is ignored"]
+
+
+# -- each setting is said once ------------------------------------------------------------------
+def test_every_key_has_help_text_in_make_keys():
+    from train.config.schema import _key_fields
+
+    silent = [key for key, f in _key_fields() if not f.metadata.get("help")]
+    assert silent == [], f"give these keys a help line in train/config/schema.py: {silent}"
+
+
+def test_the_default_run_file_repeats_no_default():
+    """A default is said once, in the schema: the embedded default run file sets nothing it already says."""
+    import yaml
+
+    from train.config.schema import _key_fields
+
+    tree = yaml.safe_load((REPO / "configs" / "runs" / "tiny.yaml").read_text()) or {}
+    defaults = {key: f.default for key, f in _key_fields()}
+    flat = {f"{s}.{k}" if isinstance(v, dict) else s: v for s, sec in tree.items()
+            for k, v in (sec.items() if isinstance(sec, dict) else [(s, sec)])}
+    assert {k: v for k, v in flat.items() if defaults.get(k) == v} == {}
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("data.eval_fraction=0.5", "data.eval_fraction=0.5 must be in (0, 0.5)"),
+    ("optim.beta2=1", "optim.beta2=1.0 must be in [0, 1)"),
+    ("preflight.link_min_fraction=2", "preflight.link_min_fraction=2.0 must be in [0, 1]"),
+    ("log.straggler_fraction=0", "log.straggler_fraction=0.0 must be > 0"),
+    ("optim.weight_decay=-1", "optim.weight_decay=-1.0 is too small; it must be >= 0"),
+])
+def test_a_value_outside_its_fields_bounds_is_refused_naming_them(setting, message):
+    with pytest.raises(ConfigError) as e:
+        load_config([setting], env={}, dotenv_path=None)
+    assert str(e.value) == message
+
+
+def test_the_default_output_dir_follows_from_the_run_file_strategy_and_run():
+    """The README's examples, one after another, each get their own directory."""
+    def out(*args):
+        return load_config(list(args), env={}, dotenv_path=None).output_dir
+
+    assert out() == "outputs/tiny-ddp" == out("MAX_STEPS=300", "optim.lr=1e-3")  # same run, trained further
+    assert out("STRATEGY=zero2") == "outputs/tiny-zero2"
+    assert out("SEQ_LEN=256").startswith("outputs/tiny-ddp-") and out("SEQ_LEN=256") != out("SEED=7")
+    assert out("OUTPUT_DIR=/tmp/mine") == "/tmp/mine"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from train.cpus import available_cpus, cgroup_cpu_limit
-from train.distributed import worker_env
-from train.strategies import STRATEGIES
+from train.config.strategies import STRATEGIES
+from train.launcher.cpus import available_cpus, cgroup_cpu_limit
+from train.launcher.worker_env import worker_env
 
 REPO = Path(__file__).resolve().parent.parent
 CPU_V1 = Path("/sys/fs/cgroup/cpu")
@@ -39,8 +39,8 @@ HEAP_KEPT_AFTER_FREE = (
 # What the launcher passes to accelerate for one process per node, printed by a fresh process.
 LAUNCH_THREADS = (
     "from train.config import load_config\n"
-    "from train.launch import accelerate_args\n"
-    "from train.nodes import resolve_nodes\n"
+    "from train.launcher.launch import accelerate_args\n"
+    "from train.launcher.nodes import resolve_nodes\n"
     "cfg = load_config(['DEVICE=cpu', 'NPROC=1'])\n"
     "a = accelerate_args(cfg, resolve_nodes(cfg.launch, {}), 1, 'cpu')\n"
     "print(a[a.index('--num_cpu_threads_per_process') + 1])\n"
@@ -90,14 +90,14 @@ def two_cpus():
 
 def test_a_cpu_quota_limits_the_threads_the_launcher_gives_each_rank(cpu_quota, two_cpus):
     cg = cpu_quota(1)
-    assert run_python("from train.cpus import cgroup_cpu_limit as f; print(f())", cgroup=cg) == "1.0"
+    assert run_python("from train.launcher.cpus import cgroup_cpu_limit as f; print(f())", cgroup=cg) == "1.0"
     assert run_python(LAUNCH_THREADS, cgroup=cg) == "1"
     assert int(run_python(LAUNCH_THREADS)) == available_cpus() >= 2  # outside the cgroup: every CPU
 
 
 def test_a_fractional_quota_rounds_down_so_the_rank_is_not_throttled(cpu_quota, two_cpus):
     cg = cpu_quota(1.5)
-    assert run_python("from train.cpus import available_cpus as f; print(f())", cgroup=cg) == "1"
+    assert run_python("from train.launcher.cpus import available_cpus as f; print(f())", cgroup=cg) == "1"
 
 
 def test_the_affinity_mask_limits_the_threads_the_launcher_gives_each_rank(two_cpus):

@@ -11,7 +11,7 @@ from torch.utils.data import BatchSampler
 
 from train.config import ConfigError, DataConfig, ModelConfig
 from train.data import GlobalCursorSampler, build_splits, load_text, resolve_source, tokenize_and_pack
-from train.model import load_tokenizer
+from train.worker.model import load_tokenizer
 
 
 @pytest.fixture(scope="module")

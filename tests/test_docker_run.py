@@ -21,7 +21,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from helpers import compose_bin, constraint, env_example, free_port, parse_dockerfile
 
 
@@ -220,7 +219,7 @@ def test_model_compile_trains_in_the_image(docker, image, report):
     one more compile: ~4-6 min on 2 busy cores as it is); Inductor's cache must hold kernels."""
     script = ("python -m train launch MODEL=llama-debug SEQ_LEN=32 MICRO_BATCH=2 NPROC=1 DEVICE=cpu MAX_STEPS=1 "
               "LOG_EVERY=1 CHECKPOINT_EVERY=0 RESUME=never OUTPUT_DIR=/tmp/run model.compile=true "
-              "checkpoint.export=false train.eval_every=0 log.tensorboard=false log.progress=false "
+              "checkpoint.export=false train.eval_every=0 log.trackers=none log.progress=false "
               "&& find /tmp/inductor -name '*.so' | wc -l")
     t0 = time.monotonic()
     p = sh([docker, "run", "--rm", "--network", "none", "-e", "TORCHINDUCTOR_CACHE_DIR=/tmp/inductor",

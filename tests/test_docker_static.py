@@ -18,15 +18,24 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
-
-from helpers import (DOCKERFILE, ENV_EXAMPLE, REPO, compose_bin, constraint, env_example, instructions,
-                     project_version, tool)
+from helpers import (
+    DOCKERFILE,
+    ENV_EXAMPLE,
+    REPO,
+    compose_bin,
+    constraint,
+    env_example,
+    instructions,
+    project_version,
+    tool,
+)
 from helpers import parse_dockerfile as parse
+
 from train.config import CONFIG_ENV, ENV_VARS, load_config
 
 COMPOSE_DIR = REPO / "compose"
@@ -149,32 +158,34 @@ def test_each_flavour_builds_only_the_deepspeed_ops_its_runs_load():
 
 
 def test_cpu_op_stage_copies_everything_the_warm_step_imports(tmp_path):
-    """ops-cpu copies only train/__init__.py and train/envinfo.py so the op build stays
+    """ops-cpu copies only train/__init__.py and train/tools/envinfo.py so the op build stays
     cached across code changes; this fails if warm_ops starts to need more of the package."""
     import ast
 
     body = parse()[1]["ops-cpu"]["body"]
     copies = [r.split() for w, r in body if w == "COPY"]
-    assert len(copies) == 1
-    files = copies[0][:-1]
+    files = [f for c in copies for f in c[:-1]]
+    for c in copies:  # each file lands where it sits in the repo, under /app
+        assert all(c[-1] == "/app/" + str(Path(f).parent) + "/" for f in c[:-1]), c
+    assert sorted(files) == ["train/__init__.py", "train/tools/__init__.py", "train/tools/envinfo.py"]
     run = " ".join(r for w, r in body if w == "RUN")
-    assert "from train.envinfo import warm_ops; warm_ops()" in run
+    assert "from train.tools.envinfo import warm_ops; warm_ops()" in run
     from train import __main__ as cli
 
     assert "warm_ops()" in Path(cli.__file__).read_text(), "`python -m train warm` no longer runs warm_ops()"
-    tree = ast.parse((REPO / "train" / "envinfo.py").read_text())
-    relative = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
+    tree = ast.parse((REPO / "train" / "tools" / "envinfo.py").read_text())
+    ours = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("train"))]
     warm = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "warm_ops")
-    in_warm = [n for n in ast.walk(warm) if isinstance(n, ast.ImportFrom) and (n.level or n.module == "train")]
-    top_level = [n for n in relative if n in tree.body]
+    in_warm = [n for n in ast.walk(warm) if n in ours]
+    top_level = [n for n in ours if n in tree.body]
     assert not in_warm and not top_level, "warm_ops imports more of train/: add it to the ops-cpu stage's COPY"
     for f in files:
         assert (REPO / f).is_file(), f
     # And the copied files import on their own.
-    (tmp_path / "train").mkdir()
     for f in files:
-        shutil.copy(REPO / f, tmp_path / "train" / Path(f).name)
-    p = subprocess.run([sys.executable, "-c", "import train.envinfo as e; assert callable(e.warm_ops)"],
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / f, tmp_path / f)
+    p = subprocess.run([sys.executable, "-c", "import train.tools.envinfo as e; assert callable(e.warm_ops)"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert p.returncode == 0, p.stderr
@@ -433,7 +444,7 @@ def compose_variables() -> set[str]:
 def test_env_example_names_only_known_settings():
     known = set(ENV_VARS) | {CONFIG_ENV} | compose_variables()
     unknown = [k for k in env_example() if k not in known and not k.startswith(("NCCL_", "GLOO_", "TORCH_"))]
-    assert not unknown, f".env.example sets {unknown}: not in train/config.py ENV_VARS nor used by compose/"
+    assert not unknown, f".env.example sets {unknown}: not in train/config/load.py ENV_VARS nor used by compose/"
 
 
 def test_env_example_is_a_valid_run_configuration_that_overrides_no_run_file():

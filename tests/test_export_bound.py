@@ -14,16 +14,16 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from helpers import free_port
 
 DIST_TIMEOUT_S, WRITE_S, EXPORT_TIMEOUT_S = 2, 5, 60
 
 
 def _rank(rank: int, port: int, out: str) -> None:
-    from train.distributed import make_export_group, wait_for_export
+    from train.worker.accelerator import make_export_group, wait_for_export
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=DIST_TIMEOUT_S))
@@ -49,6 +49,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     os._exit(0)  # the main group is broken after the timeout: no orderly teardown
 
 
+@pytest.mark.slow  # two ranks in a gloo process group
 def test_ranks_wait_for_the_export_longer_than_dist_timeout(tmp_path):
     ctx = mp.get_context("spawn")
     port = free_port()

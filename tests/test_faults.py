@@ -8,10 +8,10 @@ import subprocess
 import time
 
 import pytest
-
 from helpers import output, read_metrics, start, train, wait_for_step, wait_until_gone, worker_pids
-from train.checkpoint import MANIFEST, complete_checkpoints
-from train.exitcodes import FAILED
+
+from train.checkpoint.layout import MANIFEST, complete_checkpoints
+from train.config.exitcodes import FAILED
 
 pytestmark = pytest.mark.slow
 RUN = {"MAX_STEPS": 8, "CHECKPOINT_EVERY": 2, "KEEP_CHECKPOINTS": 3, "checkpoint.export": "false"}
@@ -47,6 +47,8 @@ def test_sigterm_stops_all_ranks_at_one_step_saves_and_resumes(tmp_path):
     assert job.returncode != 0, "a preempted run must not look like a finished one"
     # torchrun SIGKILLs workers ~30 s after its SIGTERM: a stop too slow for that never says it saved.
     assert "stop signal received: saved step" in out
+    # A stop is not a crash: no torchrun SignalException traceback after the save message.
+    assert "Traceback" not in out and "SignalException" not in out, out[-3000:]
     saved = complete_checkpoints(tmp_path / "checkpoints")
     assert len(saved) == 1
     stopped_at = int(saved[0].name.split("_")[1])
@@ -115,7 +117,7 @@ def test_a_full_disk_during_save_fails_clearly_and_keeps_the_last_checkpoint(tmp
         kept = names(tmp_path)
         assert kept and kept[0] == "step_00000002"
         for c in complete_checkpoints(ckpts):  # what is marked complete really is complete
-            from train.checkpoint import check_files, read_manifest
+            from train.checkpoint.layout import check_files, read_manifest
 
             check_files(read_manifest(c), c)
     finally:

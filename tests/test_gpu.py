@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, job_env, kill_tree, losses, read_metrics, start, train, wait_for_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,

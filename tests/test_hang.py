@@ -8,10 +8,20 @@ import signal
 import time
 
 import pytest
+from helpers import (
+    free_port,
+    losses,
+    make_train,
+    output,
+    read_metrics,
+    start,
+    train,
+    wait_for_step,
+    wait_until_gone,
+    worker_pids,
+)
 
-from helpers import free_port, losses, output, read_metrics, start, train, wait_for_step
-from helpers import make_train, wait_until_gone, worker_pids
-from train.exitcodes import HANG
+from train.config.exitcodes import HANG
 
 pytestmark = pytest.mark.slow
 DIST_TIMEOUT = 120

@@ -6,7 +6,7 @@ checks are the mistakes that render and validate fine but break a run: a Service
 pods' subdomain does not match, a MASTER_ADDR that names nobody, a node count that disagrees
 with the Job's completions, a missing /dev/shm, a `latest` image, root.
 
-The helpers (render, pod_env, job_action, ...) live in tests/helpers.py, shared with test_k8s_run.py.
+The helpers (render, pod_env, job_action, ...) live in tests/helpers/, shared with test_k8s_run.py.
 """
 
 from __future__ import annotations
@@ -18,11 +18,31 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import (
+    JOB_NAME_LABEL,
+    K8S,
+    K8S_VENDOR,
+    OVERLAYS_DIR,
+    REPO,
+    STORAGE_DIR,
+    job_action,
+    mounts,
+    one,
+    overlays,
+    pod_env,
+    pod_labels,
+    pod_security_violations,
+    project_version,
+    quantity,
+    render,
+    render_dir,
+    storage_kinds,
+    torch_runtime,
+    trainer_container,
+    trainjob_job,
+)
 
-from helpers import (JOB_NAME_LABEL, K8S, K8S_VENDOR, OVERLAYS_DIR, REPO, STORAGE_DIR, job_action, mounts, one,
-                     overlays, pod_env, pod_labels, pod_security_violations, project_version, quantity, render,
-                     render_dir, storage_kinds, torch_runtime, trainer_container, trainjob_job)
-from train import exitcodes
+from train.config import exitcodes
 
 # The oldest Kubernetes we support (podFailurePolicy, successPolicy and podReplacementPolicy
 # all need it) and the newest schema kubernetes-validate ships. k8s/k8s.mk pins the same.
@@ -141,7 +161,7 @@ def test_job_and_service_names_and_labels_agree(overlay):
 @pytest.mark.parametrize("overlay", overlays())
 def test_every_pod_resolves_to_its_node_and_the_master_through_the_service(overlay):
     from train.config import load_config
-    from train.nodes import resolve_nodes
+    from train.launcher.nodes import resolve_nodes
 
     objs = render(overlay)
     job, svc = one(objs, "Job"), one(objs, "Service")
@@ -200,7 +220,7 @@ def test_env_references_resolve_and_paths_land_on_the_volume(overlay):
 @pytest.mark.parametrize("overlay", overlays())
 def test_run_config_and_env_form_a_valid_run(overlay):
     from train.config import load_config
-    from train.strategies import STRATEGIES
+    from train.config.strategies import STRATEGIES
 
     objs = render(overlay)
     job = one(objs, "Job")
@@ -232,7 +252,7 @@ def test_failure_handling_fails_the_gang_fast(overlay):
     assert 30 < shutdown <= grace - 10, f"{overlay}: TORCH_ELASTIC_SHUTDOWN_TIMEOUT={shutdown}, grace {grace}"
 
 
-# What the Job does with each way a pod can end, per exit code (train/exitcodes.py). With
+# What the Job does with each way a pod can end, per exit code (train/config/exitcodes.py). With
 # backoffLimit 0, "Count" fails the Job; "Ignore" replaces the pod without counting it.
 def _expected_action(code: int, conditions: tuple[str, ...]) -> str:
     if code in exitcodes.FINAL_CODES:
@@ -329,7 +349,7 @@ def test_changing_the_node_count_without_nnodes_is_caught(tmp_path):
     job = one(render_dir(ov), "Job")
     assert job["spec"]["completions"] == 3 and pod_env(job, 2)["NNODES"] == "2"
     from train.config import ConfigError, LaunchConfig
-    from train.nodes import resolve_nodes
+    from train.launcher.nodes import resolve_nodes
 
     with pytest.raises(ConfigError, match="JOB_COMPLETION_INDEX=2 is not a valid node rank for NNODES=2"):
         resolve_nodes(LaunchConfig(nnodes=2, master_addr="x"), pod_env(job, 2))
@@ -388,9 +408,9 @@ def test_pytorchjob_exit_code_policy_follows_the_exit_code_table(code):
 
 @pytest.mark.parametrize("operator", ["v1-old", "v1-newer"])
 def test_pytorchjob_example_gets_the_right_world_size(operator):
-    """What the operator injects into each pod, turned into nodes by train/nodes.py."""
+    """What the operator injects into each pod, turned into nodes by train/launcher/nodes.py."""
     from train.config import load_config
-    from train.nodes import resolve_nodes
+    from train.launcher.nodes import resolve_nodes
 
     ptj = _ptj()
     specs = ptj["spec"]["pytorchReplicaSpecs"]
@@ -535,7 +555,7 @@ def test_readme_exit_code_table_is_the_generated_one():
     body = section[1].split("\n## ", 1)[0]
     table = "\n".join(line for line in body.splitlines() if line.startswith("|"))
     assert table == exitcodes.markdown_table(), \
-        "README exit-code table is stale: paste `python -c \"import train.exitcodes as e; print(e.markdown_table())\"`"
+        "README exit-code table is stale: paste `python -c \"import train.config.exitcodes as e; print(e.markdown_table())\"`"
 
 
 # -- the JobSet example -----------------------------------------------------------------------
@@ -654,7 +674,7 @@ def test_jobset_pod_template_is_the_zero2_overlays():
 
 def test_jobset_pods_resolve_to_their_node_and_the_master_jobset_names():
     from train.config import load_config
-    from train.nodes import resolve_nodes
+    from train.launcher.nodes import resolve_nodes
 
     js = _jobset()
     job_name, job = _jobset_job(js)
@@ -904,7 +924,7 @@ def test_trainjob_pods_carry_the_jobs_hardening_and_resources():
 
 def test_trainjob_pods_resolve_their_node_and_master_from_the_pet_variables():
     from train.config import load_config
-    from train.nodes import resolve_nodes
+    from train.launcher.nodes import resolve_nodes
 
     tj = _trainjob()
     name, n = tj["metadata"]["name"], tj["spec"]["trainer"]["numNodes"]

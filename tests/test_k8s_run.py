@@ -25,13 +25,25 @@ import sys
 import time
 from pathlib import Path
 
+import helpers as km
 import psutil
 import pytest
-from helpers import PodNetwork, try_network
-
-import helpers as km
-from helpers import (K8S, REPO, TINY, free_port, mounts, one, pod_env, pod_labels, render, torch_runtime,
-                     trainer_container, trainjob_job)
+from helpers import (
+    K8S,
+    REPO,
+    TINY,
+    PodNetwork,
+    free_port,
+    mounts,
+    one,
+    pod_env,
+    pod_labels,
+    render,
+    torch_runtime,
+    trainer_container,
+    trainjob_job,
+    try_network,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +59,7 @@ _STRIP = {"CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GRO
           "MASTER_ADDR", "MASTER_PORT"}
 
 
-# -- the pods' world: network namespaces from tests/helpers.py ------------------------------------
+# -- the pods' world: network namespaces from tests/helpers/ ------------------------------------
 
 
 class Cluster:

@@ -11,11 +11,21 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    REPO,
+    args_for,
+    assert_refused,
+    job_env,
+    kill_tree,
+    losses,
+    read_metrics,
+    save_tiny_pretrained,
+    start,
+    train,
+    wait_for_step,
+)
 
-from train.checkpoint import complete_checkpoints
-
-from helpers import REPO, args_for, job_env, kill_tree, losses, read_metrics, start, train, wait_for_step
-from helpers import assert_refused, save_tiny_pretrained
+from train.checkpoint.layout import complete_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +130,7 @@ def test_a_lora_target_the_model_lacks_is_refused_in_one_line(pretrained, tmp_pa
 
 
 def test_a_lora_checkpoint_is_not_resumed_with_other_lora_settings(tmp_path):
-    from train.checkpoint import check_compatible
+    from train.checkpoint.layout import check_compatible
     from train.config import ConfigError, load_config
 
     def cfg(*args):
@@ -137,7 +147,7 @@ def test_a_lora_checkpoint_is_not_resumed_with_other_lora_settings(tmp_path):
 
 def test_the_lora_run_file_loads_and_its_targets_fit_the_model(pretrained):
     from train.config import load_config
-    from train.inputs import check_finetuning_and_tracking
+    from train.launcher.inputs import check_finetuning_and_tracking
 
     cfg = load_config(["CONFIG=configs/runs/lora.yaml", f"MODEL={pretrained}"], env={}, dotenv_path=None)
     assert cfg.model.lora_r == 16 and cfg.checkpoint.merge_lora

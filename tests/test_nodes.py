@@ -1,4 +1,4 @@
-"""Node topology from each launcher's environment contract (train/nodes.py).
+"""Node topology from each launcher's environment contract (train/launcher/nodes.py).
 
 Pure env dicts, plus a real TCP listener for wait_for_master. The launch config is resolved the
 way `python -m train launch` does it (load_config on the same env), so the tests also hold the
@@ -17,14 +17,17 @@ import time
 import pytest
 from helpers import free_port
 
-from train.config import ConfigError, LaunchConfig, load_config
-from train import exitcodes
-from train.nodes import LAUNCHER_SCRUB_VARS, MasterUnreachable, NodeSpec, resolve_nodes, wait_for_master
+from train.config import ConfigError, LaunchConfig, exitcodes, load_config
+from train.launcher.nodes import LAUNCHER_SCRUB_VARS, MasterUnreachable, NodeSpec, resolve_nodes, wait_for_master
+from train.launcher.slurm import expand_hostlist, master_port, node_address
+
+# What `scontrol show node` would say each Slurm node's NodeAddr is (train/launcher/slurm.py).
+NODE_ADDR = {"gpu07": "10.1.0.7", "n1": "127.0.0.1"}
 
 
 def resolve(env: dict[str, str]) -> NodeSpec:
     cfg = load_config([], env=env, dotenv_path=None)
-    return resolve_nodes(cfg.launch, env)
+    return resolve_nodes(cfg.launch, env, node_address=lambda name: NODE_ADDR.get(name, name))
 
 
 # -- our own contract -------------------------------------------------------------------------
@@ -143,6 +146,71 @@ def test_pet_beats_pytorchjob_beats_indexed_job():
     assert (resolve(env).node_rank, resolve(env).source) == (2, "indexed-job")
 
 
+# -- Slurm: a task of `srun --ntasks-per-node=1` (slurm/train.sbatch) ----------------------------
+def slurm_task(node: int, nodes: int = 2, nodelist: str = "gpu[07-08]", job: str = "4242", **extra) -> dict:
+    """The variables srun gives the task on node `node` of a step with one task per node."""
+    return {"SLURM_JOB_ID": job, "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_JOB_NODELIST": nodelist,
+            "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_NODES": str(nodes), "SLURM_STEP_NODELIST": nodelist,
+            "SLURM_STEP_NUM_TASKS": str(nodes), "SLURM_NTASKS": str(nodes), "SLURM_NODEID": str(node),
+            "SLURM_PROCID": str(node), **extra}
+
+
+def test_slurm_step_gives_nodes_rank_and_the_first_node_as_master():
+    spec = resolve(slurm_task(1, SLURM_GPUS_ON_NODE="4"))
+    assert spec == NodeSpec(2, 1, "10.1.0.7", master_port("4242"), 4, "slurm")
+    assert resolve(slurm_task(0)) == NodeSpec(2, 0, "10.1.0.7", master_port("4242"), 0, "slurm")
+
+
+def test_slurm_nodes_agree_on_a_port_that_differs_between_jobs():
+    # Two jobs sharing a node must not both listen on 29500; the nodes of one job must agree.
+    ports = {resolve(slurm_task(i, job="4242")).master_port for i in range(2)}
+    assert ports == {master_port("4242")} and master_port("4243") not in ports
+    assert not {master_port("4242"), master_port("4242") + 1} & set(range(32768, 65536))  # + 1: the preflight's
+    assert resolve(slurm_task(1, MASTER_PORT="2345")).master_port == 2345
+
+
+def test_slurm_single_node_job_gets_a_free_port_and_works_without_srun():
+    batch_shell = {k: v for k, v in slurm_task(0, nodes=1, nodelist="n1").items() if "STEP" not in k}
+    for env in (slurm_task(0, nodes=1, nodelist="n1"), batch_shell):
+        spec = resolve(env)
+        assert (spec.nnodes, spec.node_rank, spec.master_addr, spec.source) == (1, 0, "127.0.0.1", "slurm")
+        assert spec.master_port != master_port("4242")
+
+
+def test_slurm_step_nodes_beat_the_job_nodes():
+    # A step on part of the allocation: its own node list and count decide, not the job's.
+    env = slurm_task(0, nodes=2, nodelist="gpu[07-08]")
+    env.update(SLURM_JOB_NUM_NODES="4", SLURM_JOB_NODELIST="gpu[05-08]")
+    assert (resolve(env).nnodes, resolve(env).master_addr) == (2, "10.1.0.7")
+
+
+def test_explicit_env_beats_slurm():
+    # e.g. two tasks of one allocation, each told its node rank by hand.
+    env = slurm_task(0, NNODES="2", NODE_RANK="1", MASTER_ADDR="head", MASTER_PORT="29600", NPROC="1")
+    assert resolve(env) == NodeSpec(2, 1, "head", 29600, 1, "config")
+
+
+def test_kubernetes_contracts_beat_leaked_slurm_variables():
+    env = {**slurm_task(1), "JOB_COMPLETION_INDEX": "0", "NNODES": "2", "MASTER_ADDR": "trainer-0.trainer"}
+    assert resolve(env).source == "indexed-job" and resolve(env).node_rank == 0
+
+
+@pytest.mark.parametrize("hostlist, names", [
+    ("n1", ["n1"]),
+    ("n[1-2]", ["n1", "n2"]),
+    ("gpu[07-09,11],login1", ["gpu07", "gpu08", "gpu09", "gpu11", "login1"]),
+    ("a[1-2]-b[1-2]", ["a1-b1", "a1-b2", "a2-b1", "a2-b2"]),
+    ("node[098-101]", ["node098", "node099", "node100", "node101"]),
+])
+def test_slurm_host_lists_expand_as_slurm_does(hostlist, names):
+    assert expand_hostlist(hostlist) == names
+
+
+def test_node_address_without_the_slurm_client_is_the_name(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # e.g. a container without scontrol
+    assert node_address("gpu07") == "gpu07"
+
+
 # -- inconsistent input: one line naming the variable and value -------------------------------
 @pytest.mark.parametrize("env, message", [
     ({"JOB_COMPLETION_INDEX": "2", "NNODES": "2", "MASTER_ADDR": "m"},
@@ -162,6 +230,13 @@ def test_pet_beats_pytorchjob_beats_indexed_job():
     ({"RANK": "4", "WORLD_SIZE": "4", "MASTER_ADDR": "m"}, r"RANK=4 is not a valid node rank for WORLD_SIZE=4"),
     ({"RANK": "0", "WORLD_SIZE": "4.0", "MASTER_ADDR": "m"}, r"WORLD_SIZE='4.0' is not an integer"),
     ({"NNODES": "2", "JOB_COMPLETION_INDEX": "1"}, r"NNODES=2 nodes but MASTER_ADDR is not set"),
+    ({k: v for k, v in slurm_task(0).items() if "STEP" not in k},
+     r"SLURM_JOB_NUM_NODES=2 but this is the batch script, not a job step: .*srun --ntasks-per-node=1"),
+    (slurm_task(0, SLURM_STEP_NUM_TASKS="8"),
+     r"SLURM_STEP_NUM_TASKS=8 tasks on SLURM_STEP_NUM_NODES=2 nodes: run one task per node"),
+    (slurm_task(2), r"SLURM_NODEID=2 is not a valid node rank for SLURM_STEP_NUM_NODES=2 \(must be 0..1\)"),
+    (slurm_task(0, nodelist="gpu[07-"), r"SLURM_JOB_NODELIST='gpu\[07-' is not a Slurm host list"),
+    (slurm_task(0, job="abc"), r"SLURM_JOB_ID='abc' is not an integer"),
 ])
 def test_inconsistent_input_is_a_config_error(env, message):
     with pytest.raises(ConfigError, match=message) as info:

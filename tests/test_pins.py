@@ -18,12 +18,11 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
+import tomllib
 from test_docker_static import image_pythons
 
 pytestmark = [pytest.mark.registry]

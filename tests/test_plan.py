@@ -1,4 +1,4 @@
-"""The memory planner (train/plan.py) and FLOPs/MFU (train/flops.py): formulas, the
+"""The memory planner (train/tools/plan.py) and FLOPs/MFU (train/flops.py): formulas, the
 recommendation and the CLI. The planner against bytes measured per rank in real 2-process
 runs is in test_strategies.py, on the runs it shares."""
 
@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from train.plan import (COST_ORDER, GiB, Row, activation_bytes, held_bytes, load_model_config, main, make_plan,
-                        recommend)
-from train.strategies import GRADS, OPTIM, PARAMS, STRATEGIES
-
 from helpers import shape_of
 
+from train.config.strategies import GRADS, OPTIM, PARAMS, STRATEGIES
+from train.memory import GiB, activation_bytes, held_bytes
+from train.tools.plan import COST_ORDER, Row, main, make_plan, recommend
+from train.worker.model import load_model_config
 
 P, N = 1000, 4
 
@@ -49,7 +48,7 @@ def test_sharded_bytes_round_up_like_padded_partitions():
 
 @pytest.mark.parametrize("name", ["llama-debug", "llama-tiny"])
 def test_planner_counts_exactly_the_parameters_training_builds(name):
-    from train.model import build_model, load_tokenizer
+    from train.worker.model import build_model, load_tokenizer
 
     cfg, shape = shape_of(f"MODEL={name}")
     model = build_model(cfg.model, len(load_tokenizer(cfg.model)))
@@ -88,7 +87,7 @@ def test_activation_estimate_is_within_20_percent_of_the_tensors_autograd_saves(
     copies the planner counts in DDP's buffers)."""
     import torch
 
-    from train.model import build_model, load_tokenizer
+    from train.worker.model import build_model, load_tokenizer
 
     cfg, shape = shape_of("MODEL=llama-tiny", "SEQ_LEN=64", "MICRO_BATCH=4", f"PRECISION={precision}")
     model = build_model(cfg.model, len(load_tokenizer(cfg.model)))

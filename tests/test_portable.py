@@ -14,10 +14,10 @@ import sys
 
 import pytest
 import torch
-
 from helpers import REPO, job_env, read_metrics, train
-from train.checkpoint import MANIFEST
-from train.portable import native_loads
+
+from train.checkpoint.layout import MANIFEST
+from train.checkpoint.portable import native_loads
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def runs(tmp_path_factory):
 
 
 def tensors(path):
-    from train.portable import KINDS, open_source
+    from train.checkpoint.portable import KINDS, open_source
 
     src = open_source(path)
     return src.step, {(k, n): src.get(k, n) for n in src.names for k in KINDS}

@@ -13,9 +13,15 @@ import pytest
 import torch
 
 from train.config import ConfigError, load_config
-from train.distributed import (CUDA_BUCKET_FLOOR, check_compile_toolchain, deepspeed_config, fsdp_plugin_settings, fused_adamw,
-                               optimizer_step_skipped)
-from train.strategies import STRATEGIES
+from train.config.strategies import STRATEGIES
+from train.worker.accelerator import (
+    CUDA_BUCKET_FLOOR,
+    check_compile_toolchain,
+    deepspeed_config,
+    fsdp_plugin_settings,
+    fused_adamw,
+    optimizer_step_skipped,
+)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu)")])]

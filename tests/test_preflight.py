@@ -1,7 +1,7 @@
-"""Preflight (train/preflight.py): every launch finds the bad node, link or volume before
+"""Preflight (train/launcher/preflight.py): every launch finds the bad node, link or volume before
 training starts, and names it.
 
-Real processes throughout: machines are network namespaces on a bridge (tests/helpers.py), a
+Real processes throughout: machines are network namespaces on a bridge (tests/helpers/), a
 slow link is a token bucket on one machine's cable, a small /dev/shm or a nearly full volume is
 a tmpfs in a mount namespace. Most runs use `launch.preflight=only` (or `doctor`), which start no
 training. Needs root (CI runs as root); skipped elsewhere with the reason.
@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY, job_env
-from helpers import have_namespaces, in_mount_namespace, try_network
+from helpers import REPO, TINY, have_namespaces, in_mount_namespace, job_env, try_network
 
-from train import exitcodes
-from train.preflight import OK, FAIL, link_checks
+from train.config import exitcodes
+from train.launcher.preflight import FAIL, OK, link_checks
 
 slow = pytest.mark.slow  # real processes (no training, except the `off` run)
 PREFLIGHT_TIMEOUT = 240  # per node: the launcher's imports take seconds on a loaded 2-core machine

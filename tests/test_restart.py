@@ -9,11 +9,21 @@ import signal
 import time
 
 import pytest
+from helpers import (
+    free_port,
+    losses,
+    make_train,
+    output,
+    read_metrics,
+    start,
+    train,
+    wait_for_step,
+    wait_until_gone,
+    worker_pids,
+)
 
-from helpers import free_port, losses, output, read_metrics, start, train, wait_for_step
-from helpers import make_train, wait_until_gone, worker_pids
-from train.checkpoint import MANIFEST, complete_checkpoints
-from train.exitcodes import CONFIG, DIVERGED, REPEATED_FAILURE
+from train.checkpoint.layout import MANIFEST, complete_checkpoints
+from train.config.exitcodes import CONFIG, DIVERGED, REPEATED_FAILURE
 
 pytestmark = pytest.mark.slow
 RUN = {"MAX_STEPS": 10, "CHECKPOINT_EVERY": 2, "KEEP_CHECKPOINTS": 2, "checkpoint.export": "false"}

@@ -1,4 +1,4 @@
-"""One gang owns an OUTPUT_DIR; rank 0 chooses the checkpoint for everyone (train/checkpoint.py).
+"""One gang owns an OUTPUT_DIR; rank 0 chooses the checkpoint for everyone (train/checkpoint/saver.py).
 
 Real processes and real gloo groups: two overlapping training gangs on one directory (a
 resubmitted Kubernetes Job whose old pods are still terminating), and two ranks that see
@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import LAUNCH_TIMEOUT, REPO, args_for, free_port, job_env, kill_tree
-from train import exitcodes
-from train.checkpoint import (GENERATION_FILE, MANIFEST, claim_run, complete_checkpoints, current_owner,
-                              find_resume)
-from train.config import load_config
+
+from train.checkpoint.layout import GENERATION_FILE, MANIFEST, complete_checkpoints, find_resume
+from train.checkpoint.lock import claim_run, current_owner
+from train.config import exitcodes, load_config
 
 SETTINGS = {"MODEL": "llama-debug", "SEQ_LEN": "32", "DEVICE": "cpu"}
 
@@ -42,7 +41,7 @@ def test_claiming_a_run_replaces_the_owner_and_a_torn_record_is_nobodys(tmp_path
 _RANK = r"""
 import json, sys
 import torch.distributed as dist
-from train.checkpoint import agree_resume
+from train.checkpoint.lock import agree_resume
 from train.config import ConfigError, load_config
 
 dist.init_process_group("gloo")
@@ -99,6 +98,7 @@ def stale_views(tmp_path):
     return fresh, stale
 
 
+@pytest.mark.slow  # real ranks in a gloo process group
 def test_every_rank_resumes_the_checkpoint_rank_0_chose_once_it_can_see_it(stale_views):
     fresh, stale = stale_views
     procs = _agree([fresh, stale], wait_s=60)
@@ -116,6 +116,7 @@ def test_every_rank_resumes_the_checkpoint_rank_0_chose_once_it_can_see_it(stale
     assert rank0["generation"] == rank1["generation"] == current_owner(fresh)["generation"]
 
 
+@pytest.mark.slow  # real ranks in a gloo process group
 def test_a_rank_that_never_sees_the_chosen_checkpoint_stops_every_rank_with_one_message(stale_views):
     fresh, stale = stale_views
     answers = _answers(_agree([fresh, stale], wait_s=2))
@@ -142,6 +143,7 @@ def _wait(pred, proc: subprocess.Popen, what: str, timeout: float = LAUNCH_TIMEO
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # real ranks in a gloo process group
 def test_an_older_gang_writes_nothing_once_a_newer_gang_took_the_run_over(tmp_path):
     out = tmp_path / "run"
     # Neither gang can finish during the test (MAX_STEPS is not part of a run's identity); each
@@ -179,6 +181,7 @@ def test_an_older_gang_writes_nothing_once_a_newer_gang_took_the_run_over(tmp_pa
             assert generation == new_generation, f"{ckpt.name} was renamed by the superseded gang"
     assert not list((out / "checkpoints").glob(".tmp-*")), "a half-written checkpoint was left behind"
 
+@pytest.mark.slow  # real ranks in a gloo process group
 def test_an_output_dir_the_run_cannot_write_is_one_config_error_on_every_rank(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")  # OUTPUT_DIR below a file: mkdir fails, as on a volume uid 1000 may not write

@@ -7,9 +7,9 @@ from __future__ import annotations
 import socket
 
 import pytest
-
 from helpers import read_metrics, train
-from train.metrics import Stragglers
+
+from train.worker.metrics import Stragglers
 
 RUN = {"CHECKPOINT_EVERY": 0, "checkpoint.export": "false"}
 

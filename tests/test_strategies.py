@@ -14,12 +14,11 @@ import zlib
 
 import pytest
 import torch
-
-from train.checkpoint import MANIFEST, complete_checkpoints
-from train.plan import held_bytes
-from train.strategies import GRADS, OPTIM, PARAMS, STRATEGIES
-
 from helpers import kill_tree, losses, read_metrics, shape_of, start, train, wait_for_step
+
+from train.checkpoint.layout import MANIFEST, complete_checkpoints
+from train.config.strategies import GRADS, OPTIM, PARAMS, STRATEGIES
+from train.memory import held_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +80,7 @@ def test_fp32_losses_match_ddp(strategy, runs):
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp"])
 def test_planner_matches_bytes_measured_per_rank_within_10_percent(strategy, runs):
     """One run per sharding family: the loop's held_bytes (rank 0, right before the first
-    optimizer step) against the planner's numbers (train/plan.py) for the same model and N=2."""
+    optimizer step) against the planner's numbers (train/tools/plan.py) for the same model and N=2."""
     measured = _held(runs(strategy)[0])
     cfg, shape = shape_of("MODEL=llama-debug", "SEQ_LEN=32")
     planned = held_bytes(strategy, shape.params, 2, cfg.train.precision)

@@ -9,9 +9,7 @@ import sys
 
 import pytest
 import yaml
-
-from helpers import REPO, args_for, job_env, read_metrics, train
-from helpers import assert_refused, flat, wandb_run
+from helpers import REPO, args_for, assert_refused, flat, job_env, read_metrics, train, wandb_run
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +21,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tracked")
     env = {"WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": "", "WANDB_DIR": "", "WANDB_API_KEY": ""}
     train(out, env=env, TRACKERS="tensorboard,mlflow,wandb", MAX_STEPS=STEPS, CHECKPOINT_EVERY=0,
-          **{"checkpoint.export": "false", "log.tensorboard": "true"})
+          **{"checkpoint.export": "false", "TRACKERS": "tensorboard"})
     return out
 
 
@@ -70,7 +68,7 @@ def test_wandb_offline_run_holds_the_config_and_the_history(run):
 
 def test_tensorboard_writes_beside_the_others_and_is_the_default(run):
     from train.config import load_config
-    from train.tracking import tracker_names
+    from train.worker.tracking import tracker_names
 
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert tracker_names(load_config([], env={}, dotenv_path=None)) == ["tensorboard"]

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import ConfigError, DataConfig
-from .corpus import BUILTIN_DATASETS
+from train.config import ConfigError, DataConfig
+from train.corpus import BUILTIN_DATASETS
 
 _FILE_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
                   ".parquet": "parquet", ".csv": "csv"}
@@ -265,6 +265,10 @@ class GlobalCursorSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.steps_per_epoch * self.global_batch - self.start
+
+    def steps_left(self) -> int:
+        """Optimizer steps left in this epoch from the position set last."""
+        return len(self) // self.global_batch
 
 
 def collate(items: list[dict]) -> dict:

@@ -1,4 +1,4 @@
-"""The worker's side of the per-node supervisor (train/supervisor.py).
+"""The worker's side of the per-node supervisor (train/launcher/supervisor.py).
 
 Each rank keeps one tiny JSON file in a node-local directory the supervisor passes in
 ``TRAIN_PROGRESS_DIR``: its pid, last finished step, current phase (setup, data, forward,
@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from .exitcodes import CONFIG, OK, PREEMPTED
+from train.config import exitcodes
+from train.config.exitcodes import FAILED
 
 ENV_DIR = "TRAIN_PROGRESS_DIR"
 ENV_SUPERVISOR = "TRAIN_SUPERVISOR_PID"
@@ -128,14 +129,14 @@ def attach() -> None:
     current().phase("setup")
 
 
-def fatal(status: str, message: str, code: int) -> None:
+def fatal(code: int, message: str) -> None:
     """An end a restart cannot fix (a config error in a rank, a diverged loss): tell the
     supervisor, which ends the whole job quietly and prints the line last. The rank waits to be
     killed rather than exiting, so torchrun does not restart it meanwhile. Without a supervisor
     (or if it does not act) print the line and exit with ``code``."""
     p = current()
     if p.dir is not None and os.environ.get(ENV_SUPERVISOR):
-        p.outcome(status, message)
+        p.outcome(exitcodes.name(code), message)
         deadline = time.monotonic() + FATAL_WAIT_S
         while time.monotonic() < deadline:
             time.sleep(0.5)
@@ -150,17 +151,13 @@ def _parent_of(pid: int) -> int:
         return -1
 
 
-def config_error(message: str) -> None:
-    fatal("config", message, CONFIG)
-
-
 def crashed(exc: BaseException) -> None:
     first = (str(exc).strip().splitlines() or [""])[0][:300]
-    current().outcome("crashed", f"{type(exc).__name__}: {first}")
+    current().outcome(exitcodes.name(FAILED), f"{type(exc).__name__}: {first}")
 
 
 def finished(code: int) -> None:
-    current().outcome("finished" if code == OK else "preempted" if code == PREEMPTED else f"exit {code}")
+    current().outcome(exitcodes.name(code))
 
 
 # -- the reading side (the supervisor, and rank 0 when it logs a restart) --------------------
@@ -193,7 +190,7 @@ def failure_of(att: dict) -> tuple[str, int]:
     silent = sorted(set(att["ranks"]) - set(att["outcomes"]))
     if silent:
         return f"rank {silent[0]} died without an error (killed by a signal?)", step
-    crashed = [(r, o) for r, o in sorted(att["outcomes"].items()) if o.get("status") == "crashed"]
+    crashed = [(r, o) for r, o in sorted(att["outcomes"].items()) if o.get("status") == exitcodes.name(FAILED)]
     if crashed:
         return f"rank {crashed[0][0]}: {crashed[0][1].get('message', '')}", step
     return "the workers exited", step
@@ -227,3 +224,8 @@ def event_counts(metrics_path: Path) -> dict[str, int]:
             if kind:
                 counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+# Set by the launcher for the workers: what the run asked for, checked against what engaged.
+ENV_EXPECTED_WORLD = "TRAIN_EXPECTED_WORLD_SIZE"
+ENV_DEVICE = "TRAIN_DEVICE"

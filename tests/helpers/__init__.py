@@ -1,0 +1,21 @@
+"""Helpers shared by several test files, one module per subject; ``from helpers import X`` finds
+every public name of them.
+
+- ``jobs``: real training jobs (train, start, kill_tree, wait_for_step, read_metrics, workers, two nodes).
+- ``refusals``: the refusal contract (assert_refused, snapshot).
+- ``pods``: machines emulated with network namespaces (PodNetwork, try_network).
+- ``k8s``: rendered Kubernetes manifests and what a pod, the kubelet and the Job controller see.
+- ``docker``: the Dockerfile and compose readers.
+- ``versions``: pins and the dev extra's tools.
+- ``artifacts``: a small pretrained model, W&B offline runs.
+- ``slurm``: a real slurmctld and two slurmd on this host (SlurmCluster).
+"""
+
+from helpers.artifacts import *  # noqa: F403
+from helpers.docker import *  # noqa: F403
+from helpers.jobs import *  # noqa: F403 - first: sets HF_HUB_OFFLINE before anything imports huggingface_hub
+from helpers.k8s import *  # noqa: F403
+from helpers.pods import *  # noqa: F403
+from helpers.refusals import *  # noqa: F403
+from helpers.slurm import *  # noqa: F403
+from helpers.versions import *  # noqa: F403

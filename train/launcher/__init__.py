@@ -1,0 +1,1 @@
+"""Runs in the launcher process (once per node; it becomes the per-node supervisor): nodes, inputs, preflight, the workers' environment, supervision, hang forensics. Never imported by worker/ or checkpoint/."""

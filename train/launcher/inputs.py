@@ -1,0 +1,132 @@
+"""The user's inputs, checked before any process starts: one line each (ConfigError, exit 2).
+
+What the launcher can see on its own - settings that contradict the device, the batch, a port,
+the model, its tokenizer, a sample of the data, and the checkpoint it would resume - is checked
+here, so a mistake costs seconds and one line instead of a process group's worth of tracebacks.
+The node itself (shared memory, disk, devices, links) is checked separately, per node.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+from train.config import ConfigError, RunConfig, exitcodes, resolve_batch, selected_strategy
+
+
+def check_inputs(cfg: RunConfig, world_size: int, device: str) -> None:
+    """Every user error we can see without starting processes. Also says, and exits 0, when
+    the run is already finished (resuming at max_steps would train nothing)."""
+    for note in cfg.notes:
+        print(f"[config] {note}", flush=True)
+    check_device(cfg, device)
+    check_async_save(cfg)
+    _, global_batch = resolve_batch(cfg, world_size)
+    check_port(cfg)
+    tokenizer = check_model(cfg)
+    check_finetuning_and_tracking(cfg)
+    check_data(cfg, tokenizer, global_batch)
+    check_resume(cfg, world_size, global_batch)
+
+
+def check_device(cfg: RunConfig, device: str) -> None:
+    strategy = selected_strategy(cfg.launch)
+    if strategy is not None and strategy.gpu_only and device == "cpu":
+        raise ConfigError(f"STRATEGY={strategy.name} offloads from GPU to CPU memory and needs a CUDA GPU; "
+                          "on CPU use fsdp (or zero3-offload)")
+    if cfg.train.precision == "fp16" and device == "cpu":
+        raise ConfigError("PRECISION=fp16 needs a CUDA GPU (on CPU it would silently train in fp32); use bf16 or no")
+    if cfg.train.precision == "bf16" and device == "cuda":
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError("PRECISION=bf16 is not supported by this GPU; use fp16 or no")
+
+
+def check_async_save(cfg: RunConfig) -> None:
+    """checkpoint.async_save exists where the library saves asynchronously: FSDP2 through
+    torch.distributed.checkpoint (train/checkpoint/saver.py's AsyncWriter)."""
+    strategy = selected_strategy(cfg.launch)
+    if cfg.checkpoint.async_save and (strategy is None or strategy.family != "fsdp"):
+        name = strategy.name if strategy else "from ACCELERATE_CONFIG"
+        raise ConfigError(f"ASYNC_SAVE=true: asynchronous saving needs STRATEGY fsdp or fsdp-offload "
+                          f"(torch.distributed.checkpoint.async_save), this run's is {name}; ddp and DeepSpeed "
+                          "(its decoupled engine needs the async-I/O op) save synchronously: set ASYNC_SAVE=false")
+
+
+def check_port(cfg: RunConfig) -> None:
+    """On the master node, MASTER_PORT must be free: torchrun's store binds it, and a busy port
+    fails the rendezvous only after its timeout, in every rank."""
+    from train.launcher.nodes import resolve_nodes
+
+    spec = resolve_nodes(cfg.launch, os.environ)
+    if spec.node_rank != 0:
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is fine, a listener is not
+        try:
+            s.bind(("", spec.master_port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                return  # e.g. no permission for a low port here: leave the verdict to torchrun
+            hint = ("pick another MASTER_PORT" if spec.nnodes > 1 else
+                    "pick another MASTER_PORT, or leave it unset on a single node to get a free one")
+            raise ConfigError(f"MASTER_PORT={spec.master_port} is already in use on this machine (another run "
+                              f"or program listens on it); {hint}") from None
+
+
+def check_model(cfg: RunConfig):
+    from train.worker.model import check_model_source
+
+    return check_model_source(cfg.model)
+
+
+def check_finetuning_and_tracking(cfg: RunConfig) -> None:
+    """LoRA targets (on a meta-device model) and tracker names, packages and W&B login."""
+    from train.worker.lora import check_lora
+    from train.worker.tracking import check_trackers
+
+    check_trackers(cfg)
+    check_lora(cfg.model)
+
+
+def check_data(cfg: RunConfig, tokenizer, global_batch: int) -> None:
+    from train.data import check_sample
+
+    check_sample(cfg.data, tokenizer, global_batch)
+
+
+def check_resume(cfg: RunConfig, world_size: int, global_batch: int) -> None:
+    from train.checkpoint.layout import find_resume, read_manifest
+
+    path = find_resume(cfg, world_size)
+    if path is None:
+        return
+    manifest = read_manifest(path)
+    step = int(manifest.get("step", 0))
+    final = Path(cfg.output_dir) / "final"
+    if step >= cfg.train.max_steps and (final.is_dir() or not cfg.checkpoint.export):
+        raise exitcodes.Exit(f"[launch] nothing to train: {path} is at step {step} and MAX_STEPS={cfg.train.max_steps}; "
+              f"raise MAX_STEPS to train further, or use another OUTPUT_DIR (or delete {cfg.output_dir}) "
+              "to start over", exitcodes.OK)
+    saved_batch = manifest.get("global_batch")
+    position = int(manifest.get("train_state", {}).get("samples_in_epoch", 0))
+    if saved_batch and saved_batch != global_batch and position % global_batch:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} was trained with a global batch of {saved_batch} "
+            f"({manifest.get('world_size')} ranks) and stopped {position} samples into an epoch; this run's global "
+            f"batch is {global_batch} ({world_size} ranks), which cannot continue from there: "
+            + _same_batch_hint(saved_batch, world_size, cfg.train.micro_batch))
+
+
+def _same_batch_hint(saved: int, world: int, micro: int) -> str:
+    """Settings that keep the checkpoint's global batch on this world size, if any exist."""
+    if saved % world:
+        fits = [w for w in range(1, saved + 1) if saved % w == 0 and w <= 64]
+        return f"{saved} does not split across {world} ranks; resume on {', '.join(map(str, fits[-4:]))} ranks"
+    per_rank = saved // world
+    m = max(d for d in range(1, min(micro, per_rank) + 1) if per_rank % d == 0)
+    extra = "" if m == micro else f" MICRO_BATCH={m}"
+    return f"set GLOBAL_BATCH={saved}{extra} (accumulation is then derived for {world} ranks)"
