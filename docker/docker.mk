@@ -23,8 +23,10 @@ TORCH_WHEEL ?=
 # The run settings file for the containers (the package reads .env on the host too).
 ENV_FILE ?= $(if $(wildcard .env),.env,.env.example)
 
+# The commit (and uncommitted changes) the image is built from: its build-info.json and revision label.
+_IMG_REVISION = $(shell $(PKG_PY) -m train.checkpoint.provenance 2>/dev/null)
 # Versions come from constraints.txt, the one pinned set; the image labels record them.
-_IMG_VERSIONS = --build-arg TORCH_VERSION=$(shell $(PKG_PY) -m train info pin torch) \
+_IMG_VERSIONS = $(_IMG_REVISION) --build-arg TORCH_VERSION=$(shell $(PKG_PY) -m train info pin torch) \
   --build-arg DEEPSPEED_VERSION=$(shell $(PKG_PY) -m train info pin deepspeed)
 # Run settings given to make (`make compose-up STRATEGY=zero2`, or exported) win over the env
 # file, as they do for `make train`: they are appended to a copy of it, build/compose.env.

@@ -7,7 +7,9 @@ the module is sized to finish in about 8 minutes (not yet measured: it has not r
   loss and an export that loads; in bf16 also a kill -9 and a resume;
 - DeepSpeed's CPU Adam (zero3-offload) loads with no compiler on PATH;
 - a short bf16 throughput run of a ~1B-parameter Llama: tokens/s per GPU and MFU;
-- with 2+ GPUs: 2-process NCCL runs whose fp32 (TF32 off) losses agree across strategies.
+- with 2+ GPUs: 2-process NCCL runs whose fp32 (TF32 off) losses agree across strategies;
+- a profile of two steps with CUDA kernels and a memory snapshot, the out-of-memory snapshot and
+  exit 10, and `verify` of a CUDA checkpoint (issue 30).
 (tests/test_precision.py's fp16 overflow test also runs on CUDA under `make test-gpu`.)
 
 Results go to bench-results/gpu-check_<gpu>_<date>.json and .md: one record per check.
@@ -25,7 +27,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, job_env, kill_tree, losses, read_metrics, start, train, wait_for_step
+from helpers import REPO, command, job_env, kill_tree, losses, read_metrics, start, train, wait_for_step
+
+from train.config.exitcodes import OUT_OF_MEMORY
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu)")]
@@ -104,6 +108,39 @@ def test_every_strategy_trains_exports_and_resumes_on_one_gpu(strategy, precisio
     n = check_export_loads(tmp_path)
     record(f"{strategy} {precision}", passed=True, first_loss=round(curve[0], 4), last_loss=round(curve[-1], 4),
            resumed_from=resumed_from, exported_params=n)
+
+
+def test_profile_memory_snapshot_oom_dump_and_verify_on_cuda(tmp_path, record):
+    """PROFILE_STEPS on CUDA records kernels and (log.profile_memory) the allocator's history; an
+    out-of-memory error writes the snapshot, with stacks under log.memory_history, and exits 10;
+    `verify` replays a CUDA checkpoint within a stated tolerance."""
+    import pickle
+
+    out = tmp_path / "prof"
+    train(out, **{**GPU, "MAX_STEPS": "6", "CHECKPOINT_EVERY": "3", "LOG_EVERY": "1", "PROFILE_STEPS": "2-3",
+                  "log.profile_memory": "true", "checkpoint.export": "false"})
+    trace = json.loads((out / "profiles" / "trace-steps2-3-rank0.json").read_text())
+    kernels = [e for e in trace["traceEvents"] if e.get("cat") == "kernel"]
+    assert kernels, "CUDA activity is in the trace"
+    with open(out / "profiles" / "memory-steps2-3-rank0.pickle", "rb") as f:
+        snap = pickle.load(f)
+    assert snap["segments"] and any(snap["device_traces"]), "the window's allocations were recorded"
+
+    oom = tmp_path / "oom"
+    p = train(oom, check=False, env={"TRAIN_FAILPOINTS": "oom=0@2"},
+              **{**GPU, "MAX_STEPS": "4", "CHECKPOINT_EVERY": "0", "log.memory_history": "true"})
+    assert p.returncode == OUT_OF_MEMORY, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "ran out of GPU memory" in p.stderr
+    with open(oom / "profiles" / "oom-rank0.pickle", "rb") as f:
+        snap = pickle.load(f)
+    assert snap["segments"] and any(snap["device_traces"]), "the history up to the error is in the snapshot"
+
+    # Some CUDA kernels (the embedding's backward) accumulate with atomics: not bitwise run to run.
+    v = command("verify", str(out / "checkpoints" / "step_00000003"), "--tolerance", "1e-4")
+    verdict = (v.stdout + v.stderr).strip().splitlines()[-1]
+    record("profile, memory snapshot, oom, verify", passed=True, kernels=len(kernels), verify_exit=v.returncode,
+           verify=verdict[:200])
+    assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-3000:]
 
 
 def test_deepspeed_cpu_adam_loads_without_a_compiler(tmp_path, record):

@@ -85,6 +85,12 @@ def _info(argv: list[str]) -> None:
     info_main(argv)
 
 
+def _verify(argv: list[str]) -> int:
+    from train.tools.verify import main as verify_main
+
+    return verify_main(argv)
+
+
 def _hang_report(argv: list[str]) -> None:
     from train.tools.hang_report import main as hang_main
 
@@ -120,6 +126,8 @@ COMMANDS: dict[str, Command] = {
     "env": Command(_env, "versions of everything that matters, and `accelerate env`"),
     "warm": Command(_warm, "pre-build DeepSpeed's JIT ops for this machine (done by `make` at install time)"),
     "info": Command(_info, "version | pin PACKAGE | strategies | compose: one fact about this checkout, for make"),
+    "verify": Command(_verify, "CKPT [--steps N] [key=value ...]: replay N steps from a checkpoint and compare with "
+                               "the losses the run logged (exit 0: reproduces, 9: does not); names what differs"),
     "hang-report": Command(_hang_report, "OUTPUT_DIR: which rank hung, where: the table and verdict of the newest hang dump"),
     "export": Command(_export, "CKPT OUT: a Hugging Face model (safetensors, config, tokenizer) from any checkpoint"),
     "convert": Command(_convert, "CKPT OUT --to STRATEGY [--world-size N]: a checkpoint that resumes under STRATEGY"),

@@ -1,7 +1,7 @@
 """Helpers shared by several test files, one module per subject; ``from helpers import X`` finds
 every public name of them.
 
-- ``jobs``: real training jobs (train, start, kill_tree, wait_for_step, read_metrics, workers, two nodes).
+- ``jobs``: real training jobs (train, start, command, kill_tree, wait_for_step, read_metrics, workers, two nodes).
 - ``refusals``: the refusal contract (assert_refused, snapshot).
 - ``pods``: machines emulated with network namespaces (PodNetwork, try_network).
 - ``k8s``: rendered Kubernetes manifests and what a pod, the kubelet and the Job controller see.

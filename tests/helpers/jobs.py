@@ -74,6 +74,12 @@ def train(output_dir: Path, *, env: dict | None = None, check: bool = True, time
     return p
 
 
+def command(*args: str, env: dict | None = None, timeout: int = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    """`python -m train ARGS...` as typed (a command other than a run: verify, env, ...), to completion."""
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, env=job_env(env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def start(output_dir: Path, *, env: dict | None = None, **overrides) -> subprocess.Popen:
     """Start a job in its own session (so a test can kill the whole tree, like a node dying).
     Output goes to a file, not a pipe: an unread pipe fills up and blocks the job."""

@@ -1,1 +1,1 @@
-"""Checkpoints on disk: the layout and manifests, the run lock, saving and loading, the async writer, the portable form, resume across strategies, export and convert. Never imports launcher/ or tools/."""
+"""Checkpoints on disk: the layout and manifests, the run lock, saving and loading, the async writer, the portable form, resume across strategies, export and convert, provenance (what produced a checkpoint). Never imports launcher/ or tools/."""

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from train.checkpoint.layout import MANIFEST, check_files, read_manifest
+from train.checkpoint.provenance import FILE as PROVENANCE_FILE
 from train.checkpoint.portable import (
     PORTABLE,
     SHARD_BYTES,
@@ -79,6 +80,9 @@ def export(ckpt: Path, out: Path, max_shard_bytes: int = SHARD_BYTES) -> Path:
     model.config.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     shutil.copy(ckpt / "run_config.yaml", tmp / "run_config.yaml")
+    provenance = read_manifest(ckpt).get("provenance")
+    if provenance:  # what produced the weights travels with them, as in a run's own final/
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     _replace(tmp, out)
     return out
 

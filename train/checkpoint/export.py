@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 from pathlib import Path
 
+from train.checkpoint import provenance as prov_mod
 from train.checkpoint.layout import TMP_PREFIX
 from train.worker import lora
 from train.worker.accelerator import wait_for_export
 from train.worker.model import param_count
 
 
-def export_final(accelerator, model, tokenizer, out_dir: Path, config_yaml: str, merge_lora: bool = True) -> Path | None:
+def export_final(accelerator, model, tokenizer, out_dir: Path, config_yaml: str, merge_lora: bool = True,
+                 provenance: dict | None = None) -> Path | None:
     """Consolidated safetensors + config + tokenizer that `from_pretrained` loads.
 
     ``get_state_dict`` gathers ZeRO-3 partitions / FSDP shards (a collective: every rank calls
     it). The export is written beside and renamed into place, so an old export survives a crash.
     A LoRA run writes its adapter to ``adapter/`` (PeftModel.from_pretrained) and, with
-    ``merge_lora``, the merged full model beside it.
+    ``merge_lora``, the merged full model beside it. ``provenance`` (what produced it,
+    train/checkpoint/provenance.py) goes to ``provenance.json``.
     """
     state_dict = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
@@ -37,6 +41,8 @@ def export_final(accelerator, model, tokenizer, out_dir: Path, config_yaml: str,
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "run_config.yaml").write_text(config_yaml)
+    if provenance:
+        (tmp / prov_mod.FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     expected = param_count(unwrapped) if unwrapped is not None else 0
     saved = _safetensors_numel(tmp)
     if saved < expected:  # e.g. ZeRO-3 weights saved without gathering (LlamaFactory#253)

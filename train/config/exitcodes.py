@@ -27,6 +27,8 @@ MASTER_UNREACHABLE = 5
 REPEATED_FAILURE = 6
 DIVERGED = 7
 SUPERSEDED = 8
+NOT_REPRODUCED = 9
+OUT_OF_MEMORY = 10
 PREEMPTED = 143  # 128 + SIGTERM, what a process killed by SIGTERM reports, so shells read it alike
 
 TABLE: tuple[ExitCode, ...] = (
@@ -40,6 +42,10 @@ TABLE: tuple[ExitCode, ...] = (
     ExitCode(REPEATED_FAILURE, "repeated-failure", True, "the same failure at the same step twice: restarting cannot help"),
     ExitCode(DIVERGED, "diverged", True, "the loss stayed non-finite or spiking after train.max_rollbacks rollbacks"),
     ExitCode(SUPERSEDED, "superseded", True, "another gang took over this OUTPUT_DIR (run lock); this one stepped aside"),
+    ExitCode(NOT_REPRODUCED, "not-reproduced", True,
+             "`verify`: the replayed losses differ from the logged ones, or the data changed; the lines above say which"),
+    ExitCode(OUT_OF_MEMORY, "out-of-memory", True,
+             "a rank ran out of GPU memory; the memory snapshot is in OUTPUT_DIR/profiles (same settings, same result)"),
     ExitCode(PREEMPTED, "preempted", False, "SIGTERM: every rank stopped at one agreed step and saved; RESUME=auto continues"),
 )
 

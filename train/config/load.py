@@ -15,7 +15,16 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from train.config.schema import CONFIG_ENV, DEFAULT_CONFIG, ConfigError, RunConfig, _key_fields, bounds_error
+from train.config.schema import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    ConfigError,
+    RunConfig,
+    _key_fields,
+    bounds_error,
+    profile_ranks,
+    profile_window,
+)
 from train.config.strategies import REPO_ROOT, STRATEGIES
 
 # Short names shared by the Makefile, `.env`, compose and Kubernetes, from the fields' metadata.
@@ -305,6 +314,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"MASTER_PORT={launch.master_port} is not a TCP port (1..65535)")
     if not 0 <= launch.node_rank < launch.nnodes:
         raise ConfigError(f"launch.node_rank={launch.node_rank} must be in [0, nnodes={launch.nnodes})")
+    profile_window(cfg.log)
+    profile_ranks(cfg.log)
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"RESUME={cfg.checkpoint.resume!r}: no such checkpoint; use auto, never, or a checkpoint "
                           "directory (checkpoints/step_00000050, or step_50)")

@@ -140,6 +140,8 @@ class TrainConfig:
     spike_factor: float = setting(3.0, "a logged loss above this x the median of the last spike_window rolls back to the newest checkpoint and skips the batches since; 0 = only non-finite losses", ge=0)
     spike_window: int = setting(20, "logged losses the spike median is taken over", ge=1)
     max_rollbacks: int = setting(3, "rollbacks a run may take; then it stops with exit 7 (diverged)", ge=0)
+    until_step: int = setting(0, "stop after this step without the final export (the LR schedule still spans "
+                              "max_steps); 0 = run to max_steps. `python -m train verify` replays a window this way", ge=0)
 
 
 @dataclass
@@ -164,6 +166,15 @@ class LogConfig:
     held_bytes_every: int = setting(10, "measure held_bytes (a walk over all state) on the first log step and every N-th after it", ge=1)
     straggler_fraction: float = setting(0.2, "warn when a rank's own time per step exceeds the median rank's by this fraction of the step time ...", gt=0)
     straggler_log_steps: int = setting(5, "... for this many log steps in a row (0 = never warn)", ge=0)
+    profile_steps: str = setting("", "record a torch.profiler trace (CPU and CUDA activity) of these optimizer steps, "
+                                 "e.g. 10-12 or 5, as Chrome/Perfetto JSON in OUTPUT_DIR/profiles; empty = off",
+                                 env="PROFILE_STEPS")
+    profile_ranks: str = setting("0", "the ranks that record profile_steps: comma-separated ranks, or all",
+                                 env="PROFILE_RANKS")
+    profile_memory: bool = setting(False, "CUDA: also record a memory snapshot of profile_steps "
+                                   "(OUTPUT_DIR/profiles/*.pickle; open at pytorch.org/memory_viz)")
+    memory_history: bool = setting(False, "CUDA: record every allocation's stack from the start, so the snapshot "
+                                   "written on out-of-memory (exit 10) says who allocated what; costs step time")
 
 
 @dataclass
@@ -207,6 +218,38 @@ class RunConfig:
 
     def redacted(self) -> dict[str, Any]:
         return _redact(self.to_dict())
+
+
+def profile_window(log: LogConfig) -> tuple[int, int] | None:
+    """log.profile_steps as (first, last) step, or None when off; ConfigError if malformed."""
+    text = log.profile_steps.strip()
+    if not text:
+        return None
+    first, _, last = text.partition("-")
+    try:
+        a, b = int(first), int(last or first)
+    except ValueError:
+        raise ConfigError(f"PROFILE_STEPS={text!r} is not a step window; use FIRST-LAST (e.g. 10-12) or one step") from None
+    if not 1 <= a <= b:
+        raise ConfigError(f"PROFILE_STEPS={text!r}: steps count from 1 and FIRST <= LAST (e.g. 10-12)")
+    return a, b
+
+
+def profile_ranks(log: LogConfig, world_size: int | None = None) -> set[int] | None:
+    """log.profile_ranks as a set of ranks (None = all); ConfigError if malformed or, given the
+    world size, naming a rank the run does not have."""
+    text = log.profile_ranks.strip()
+    if text == "all":
+        return None
+    try:
+        ranks = {int(r) for r in text.split(",")}
+    except ValueError:
+        raise ConfigError(f"PROFILE_RANKS={text!r}: use comma-separated ranks (e.g. 0,3) or all") from None
+    bad = sorted(r for r in ranks if r < 0 or (world_size is not None and r >= world_size))
+    if bad:
+        raise ConfigError(f"PROFILE_RANKS={text!r}: rank {bad[0]} does not exist; allowed: 0.."
+                          f"{'N-1' if world_size is None else world_size - 1}, or all")
+    return ranks
 
 
 SIZE_KEYS = ("hidden_size", "num_layers", "num_heads", "intermediate_size")

@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 
 from train.config import ConfigError, RunConfig, exitcodes, resolve_batch, selected_strategy
+from train.config.schema import profile_ranks
 
 
 def check_inputs(cfg: RunConfig, world_size: int, device: str) -> None:
@@ -23,6 +24,7 @@ def check_inputs(cfg: RunConfig, world_size: int, device: str) -> None:
         print(f"[config] {note}", flush=True)
     check_device(cfg, device)
     check_async_save(cfg)
+    profile_ranks(cfg.log, world_size)  # a rank the job does not have records nothing: say so now
     _, global_batch = resolve_batch(cfg, world_size)
     check_port(cfg)
     tokenizer = check_model(cfg)

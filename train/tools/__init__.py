@@ -1,1 +1,1 @@
-"""Operator commands outside a run: plan, env, bench, the converter's memory bench."""
+"""Operator commands outside a run: plan, env, verify (replays a checkpoint), bench, the converter's memory bench."""

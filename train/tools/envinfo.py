@@ -8,15 +8,15 @@ import sys
 
 
 def print_env() -> None:
+    """The same provenance a checkpoint records (train/checkpoint/provenance.py), for this host,
+    then the details: each GPU, cores, the extensions cache and `accelerate env`."""
     import torch
 
-    from train.checkpoint.layout import versions
+    from train.checkpoint import provenance
 
-    for k, v in versions().items():
-        print(f"{k:14} {v}")
-    print(f"{'cuda':14} {torch.version.cuda or 'none (CPU build)'}")
+    for line in provenance.summary(provenance.host()):
+        print(f"[provenance] {line}")
     if torch.cuda.is_available():
-        print(f"{'nccl':14} {'.'.join(map(str, torch.cuda.nccl.version()))}")
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             print(f"{'gpu ' + str(i):14} {p.name} {p.total_memory / 2**30:.0f} GiB cc {p.major}.{p.minor}")

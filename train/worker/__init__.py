@@ -1,1 +1,1 @@
-"""Runs in each rank: the loop, the accelerator set-up and engagement checks, model, LoRA, metrics, tracking, preemption, rollback, failpoints. Never imports launcher/ or tools/."""
+"""Runs in each rank: the loop, the accelerator set-up and engagement checks, model, LoRA, metrics, tracking, preemption, rollback, failpoints, the profiler, the provenance a run prints and compares on resume. Never imports launcher/ or tools/."""

@@ -14,6 +14,8 @@ save, one rank dying at a given step), so the job can be told to inflict them on
   TRAIN_FAILPOINTS="data_sleep=1@5:30"     rank 1 sleeps 30 s while loading step 5's data
   TRAIN_FAILPOINTS="nan_at=6"              the step consuming epoch 0's 6th global batch gets a NaN loss
                                            and NaN gradients (so NaN weights); a rollback skips that batch
+  TRAIN_FAILPOINTS="oom=0@2"               rank 0 asks the device for far more memory than it has after
+                                           step 2 (a real out-of-memory error on CUDA)
   TRAIN_FAILPOINTS="config_error=0@2"      rank 0 raises a ConfigError after step 2 (a user error only a
                                            rank can see, e.g. in data it reads late)
 """
@@ -48,6 +50,12 @@ def after_step(step: int, rank: int) -> None:
             first = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") in ("", "0")
             if rank == int(who) and step == int(at) and (key == "rank_dies" or first):
                 os.kill(os.getpid(), signal.SIGKILL)
+    if "oom" in points:
+        who, at = points["oom"].split("@")
+        if rank == int(who) and step == int(at):
+            import torch
+
+            torch.empty(1 << 50, dtype=torch.uint8, device="cuda" if torch.cuda.is_available() else "cpu")
     if "config_error" in points:
         who, at = points["config_error"].split("@")
         if rank == int(who) and step == int(at):

@@ -24,12 +24,12 @@ from train.checkpoint.export import export_final
 from train.checkpoint.layout import checkpoint_root
 from train.checkpoint.saver import Checkpointer, TrainState
 from train.config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
-from train.config.exitcodes import OK, PREEMPTED
+from train.config.exitcodes import OK, OUT_OF_MEMORY, PREEMPTED, Exit
 from train.config.strategies import GRADS, OPTIM, PARAMS, Strategy
 from train.flops import device_peak_flops, flops_per_token
 from train.memory import held_bytes
 from train.progress import ENV_DEVICE
-from train.worker import failpoints, lora, rollback
+from train.worker import failpoints, lora, profiler, provenance_log, rollback
 from train.worker.accelerator import (
     align_scheduler,
     build_accelerator,
@@ -124,6 +124,7 @@ class Run:
     probe: HeldBytesProbe
     full: HeldBytes  # what a DDP rank would hold: the yardstick of check_sharded
     stop: StopSignal
+    profiler: profiler.StepProfiler
     grad_accum: int
     global_batch: int
     tokens_per_step: int
@@ -159,6 +160,7 @@ def setup(cfg: RunConfig) -> Run:
     acc = build_accelerator(cfg, strategy, grad_accum, world, mconf.hidden_size, device,
                             log_dir=str(Path(cfg.output_dir) / "tensorboard"))
     check_engaged(acc, strategy, device)
+    profiler.start_memory_history(cfg, device)
     stop = StopSignal()
     if acc.is_main_process:
         print(f"[train] strategy={strategy_name(cfg.launch)} engaged as {acc.distributed_type.name} "
@@ -166,6 +168,7 @@ def setup(cfg: RunConfig) -> Run:
               f"micro_batch={cfg.train.micro_batch} grad_accum={grad_accum} global_batch={global_batch}", flush=True)
         print("[train] resolved config:\n" + config_yaml, flush=True)
 
+    prov = provenance_log.collect_and_print(cfg, acc, device)  # rank 0's record; {} on the others
     with acc.main_process_first():
         splits = data_mod.build_splits(cfg.data, tokenizer, cfg.seed)
     if model is None:
@@ -192,7 +195,8 @@ def setup(cfg: RunConfig) -> Run:
         print(f"[train] model prepared as {type(model).__name__}", flush=True)
     start_trackers(acc, cfg, {k: v for k, v in _flat(cfg.redacted()).items() if isinstance(v, (int, float, str, bool))})
 
-    ckpt = Checkpointer(cfg, acc, {"strategy": strategy_name(cfg.launch), "global_batch": global_batch})
+    ckpt = Checkpointer(cfg, acc, {"strategy": strategy_name(cfg.launch), "global_batch": global_batch,
+                                   **({"provenance": prov} if prov else {})})
     state = TrainState()
     resume_from = ckpt.claim_and_find_resume()  # rank 0 takes OUTPUT_DIR over and chooses for all
     if resume_from is not None:
@@ -200,12 +204,14 @@ def setup(cfg: RunConfig) -> Run:
         if acc.is_main_process:
             print(f"[train] resumed from {resume_from} at step {state.step} (epoch {state.epoch}, "
                   f"{state.samples_in_epoch} samples into it)", flush=True)
+            provenance_log.say_what_changed(resume_from, prov)
     log = MetricsLog(acc, cfg.output_dir, cfg.train.max_steps, state.step, cfg.log.progress)
     if acc.is_main_process:
         progress.log_restart(log, state.step)  # this start is torchrun's restart: one event line
         ckpt.extra["events"] = progress.event_counts(log.path)
     return Run(cfg, acc, strategy, tokenizer, splits, model, optimizer, scheduler, sampler, loader, evals, ckpt,
-               state, log, HeldBytesProbe(model, optimizer), full, stop, grad_accum, global_batch,
+               state, log, HeldBytesProbe(model, optimizer), full, stop,
+               profiler.StepProfiler(cfg, acc.process_index, acc.num_processes, device), grad_accum, global_batch,
                global_batch * cfg.data.seq_len, config_yaml, mconf)
 
 
@@ -235,13 +241,15 @@ def train(cfg: RunConfig) -> int:
     # (window.record, on log steps), the eval reductions (eval steps), the stop agreement
     # (stop.agreed), and the checkpoint's barriers (saves). All branches below depend only on
     # values every rank shares (step, reduced loss, agreed stop).
-    while state.step < cfg.train.max_steps and not stopped:
+    end = min(cfg.train.until_step or cfg.train.max_steps, cfg.train.max_steps)  # until_step: a replay's window
+    while state.step < end and not stopped:
         r.sampler.set_position(state.epoch, state.samples_in_epoch)
         batches = iter(r.loader)
         for _ in range(r.sampler.steps_left()):
             progress.phase("data")  # what the hang watchdog reports (train/progress.py); no collective
             failpoints.before_data(state.step + 1, acc.process_index)
             micro = [next(batches) for _ in range(r.grad_accum)]
+            r.profiler.before(state.step + 1)
             progress.phase("forward")
             r.probe.reset(armed=window.measures_held_bytes(state.step + 1))
             loss = forward_backward(model, micro, acc, window.timer.waiting)
@@ -257,6 +265,7 @@ def train(cfg: RunConfig) -> int:
             state.samples_in_epoch += r.global_batch
             state.tokens_seen += r.tokens_per_step
             failpoints.after_step(state.step, acc.process_index)
+            r.profiler.after(state.step)
             progress.phase("collective", step=state.step)
             if state.step == 1 and r.strategy is not None and r.probe.last is not None:
                 check_sharded(r.probe.last, r.full, r.strategy, acc.num_processes)
@@ -274,7 +283,7 @@ def train(cfg: RunConfig) -> int:
                 progress.phase("eval")
                 r.log.log({"step": state.step, **evaluate(model, r.evals, acc, cfg.train.eval_batches)})
             stopped = r.stop.agreed()  # non-blocking: a signal is agreed on one step after it arrives
-            if stopped or state.step >= cfg.train.max_steps:
+            if stopped or state.step >= end:
                 break  # save_last after the loop covers both
             if r.ckpt.due(state.step):
                 progress.phase("checkpoint")
@@ -283,11 +292,12 @@ def train(cfg: RunConfig) -> int:
             state.epoch, state.samples_in_epoch = state.epoch + 1, 0
 
     r.stop.close()
+    r.profiler.close(state.step)  # a stop inside the window still writes what was recorded
     progress.phase("checkpoint")
     r.ckpt.save_last(state, r.config_yaml, r.log)
     if stopped and acc.is_main_process:
         print(f"[train] stop signal received: saved step {state.step}; resume with RESUME=auto", flush=True)
-    if not stopped:
+    if not stopped and state.step >= cfg.train.max_steps:  # (train.until_step stops short: no export)
         finish(r)
     r.close()
     return PREEMPTED if stopped else OK  # a stop that saved is not a success
@@ -312,7 +322,7 @@ def finish(r: Run) -> None:
         r.log.log({"step": step, **evaluate(r.model, r.evals, r.acc, cfg.train.eval_batches)})
     if cfg.checkpoint.export:
         out = export_final(r.acc, r.model, r.tokenizer, Path(cfg.output_dir) / "final", r.config_yaml,
-                           merge_lora=cfg.checkpoint.merge_lora)
+                           merge_lora=cfg.checkpoint.merge_lora, provenance=r.ckpt.extra.get("provenance"))
         save_probe(r.model, r.splits.eval, r.acc, Path(cfg.output_dir) / "final_probe.pt")
         if out is not None:
             print(f"[train] exported {out} (load with AutoModelForCausalLM.from_pretrained)", flush=True)
@@ -354,7 +364,14 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def main(cfg: RunConfig) -> None:
-    code = train(cfg)
+    try:
+        code = train(cfg)
+    except torch.OutOfMemoryError as e:
+        rank = int(os.environ.get("RANK", "0"))
+        snapshot = profiler.dump_oom_snapshot(cfg.output_dir, rank)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise Exit(f"rank {rank} ran out of GPU memory ({first}); the allocator's snapshot: {snapshot} (open it at "
+                   "pytorch.org/memory_viz; log.memory_history=true adds who allocated what)", OUT_OF_MEMORY) from None
     progress.finished(code)
     sys.stdout.flush()
     # Some 2-process gloo runs hang at interpreter exit after training (docs/cpu-distributed.md); exit explicitly.
