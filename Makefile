@@ -26,13 +26,18 @@ CLI_NAMES = $(strip $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origi
 TRAIN = TRAIN_MAKE_VARIABLES="$(CLI_NAMES)" $(PY) -m train
 
 STAMP := $(VENV)/.installed
-# Which torch build the venv gets. PyPI's Linux torch is the multi-GB CUDA build: right on a
-# host whose NVIDIA driver answers, wasted on a CPU-only one, which gets PyTorch's CPU index
-# (added to pip's own indexes, so a mirror or local wheel in pip's configuration still counts).
-# Override: `make venv TORCH_INDEX=https://download.pytorch.org/whl/cu128` (a CUDA version),
-# or `TORCH_INDEX=` for pip's configuration alone.
-HAS_NVIDIA_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
-TORCH_INDEX ?= $(if $(HAS_NVIDIA_GPU),,https://download.pytorch.org/whl/cpu)
+# Which torch build the venv gets, from the NVIDIA driver's version (`python -m train info
+# torch-index`, train/launcher/nvidia.py): PyPI's Linux torch needs the newest driver (CUDA 13,
+# R580+) and on an older one trains on CPU without a word. R570+ gets cu128 (the image's build),
+# R525+ cu126, no driver PyTorch's CPU index (added to pip's own indexes, so a mirror or local
+# wheel in pip's configuration still counts). Override: `make venv TORCH_INDEX=https://download.
+# pytorch.org/whl/cu130` (a CUDA version), or `TORCH_INDEX=` for pip's configuration alone.
+TORCH_INDEX ?= $(shell cd $(HERE) && $(PYTHON) -m train info torch-index)
+# TORCH=system: keep the torch PYTHON already has (an NGC or cloud image's CUDA build) instead of
+# installing one: the venv sees PYTHON's site-packages, torch is held at its version (a constraint)
+# while the rest installs around it, and a torch outside the supported range is refused in one line.
+TORCH ?=
+SYSTEM_TORCH = $(filter system,$(TORCH))
 PYTEST_ARGS ?=
 # Extra `section.key=value` overrides for train, e.g. ARGS='optim.lr=1e-3 train.eval_every=0'
 ARGS ?=
@@ -42,18 +47,27 @@ $(STAMP): constraints.txt pyproject.toml
 	@$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || { echo "make venv: Python's venv module is missing: apt-get install python3-venv (or your OS's equivalent)"; exit 1; }
 	@command -v c++ >/dev/null || { echo "make venv: no C++ compiler (c++): DeepSpeed builds its CPU ops at install; apt-get install g++ (or build-essential)"; exit 1; }
 	@$(PYTHON) -c "import os, sys, sysconfig; h = os.path.join(sysconfig.get_paths()['include'], 'Python.h'); sys.exit(0 if os.path.isfile(h) else 'make venv: the Python headers are missing (' + h + '): apt-get install python3-dev')"
-	$(PYTHON) -m venv $(VENV)
+	@# A driver too old for any CUDA build of torch: its one line here (make's $$(shell) would hide it).
+	@$(if $(filter-out system,$(TORCH)),echo "make venv: TORCH=$(TORCH): the one value is system (keep PYTHON's torch); leave TORCH unset to install the pinned one" >&2; exit 2)
+	@$(if $(SYSTEM_TORCH),cd $(HERE) && $(PYTHON) -m train info system-torch >/dev/null,$(if $(filter undefined file,$(origin TORCH_INDEX)),cd $(HERE) && $(PYTHON) -m train info torch-index >/dev/null))
+	$(PYTHON) -m venv $(if $(SYSTEM_TORCH),--system-site-packages )$(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade "pip>=24"
+ifeq ($(TORCH),system)
+	# torch: PYTHON's own (TORCH=system), held at its version while the rest installs
+	sed "s/^torch==.*/torch==$$(cd $(HERE) && $(PYTHON) -m train info system-torch)/" constraints.txt > $(VENV)/constraints.txt
+else
 	# torch first, pinned, from the build chosen above (TORCH_INDEX): $(if $(TORCH_INDEX),$(TORCH_INDEX),pip's configuration)
 	$(VENV)/bin/pip install --quiet -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
+	cp constraints.txt $(VENV)/constraints.txt
+endif
+	$(VENV)/bin/pip install --quiet -c $(VENV)/constraints.txt -e '.[dev]'
 	# DeepSpeed's setup imports torch, so it cannot build in an isolated environment.
-	DS_BUILD_OPS=0 $(VENV)/bin/pip install --quiet --no-build-isolation -c constraints.txt deepspeed
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install --quiet --no-build-isolation -c $(VENV)/constraints.txt deepspeed
 	# The venv's bin first: torch's JIT finds the venv's ninja on PATH (not a system one, or none).
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m train warm
 	touch $@
 
-.PHONY: help venv train doctor test test-fast test-gpu lint env config keys plan bench strategies clean
+.PHONY: help venv train prepare doctor test test-fast test-gpu lint env config keys plan bench strategies clean
 
 help: ## Show targets and run settings
 	@echo "Usage: make TARGET [NAME=value ...]   e.g. make train STRATEGY=zero2 NPROC=2 MAX_STEPS=50"
@@ -68,6 +82,10 @@ venv: $(STAMP) ## Create the virtualenv with pinned dependencies (other targets 
 
 train: $(STAMP) ## Train (default: tiny Llama on the built-in corpus, DDP, 2 processes, offline)
 	$(TRAIN) launch $(ARGS)
+
+prepare: $(STAMP) ## Tokenize sources into token shards once: make prepare OUT=DIR SOURCES="file-or-dir-or-hub-id ..." (MODEL/TOKENIZER as for train)
+	@test -n "$(OUT)" -a -n "$(SOURCES)" || { echo 'usage: make prepare OUT=DIR SOURCES="SOURCE ..." [MODEL=...]'; exit 2; }
+	$(PY) -m train prepare --out $(OUT) $(SOURCES) $(ARGS)
 
 doctor: $(STAMP) ## Preflight checks alone on this node (shm, disk, GPUs; with NNODES>1 shared storage and links)
 	$(TRAIN) doctor $(ARGS)

@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import REPO, args_for, assert_refused, job_env, snapshot, train
@@ -102,7 +103,7 @@ def refused(run, out_dir, *args, fragments, env=None, cwd=REPO, prefix=()):
     (["TOKENIZER=/no/such/tokenizer"], ["tokenizer directory '/no/such/tokenizer' not found"]),
     (["MODEL=./models/llama-finetuned"], ["model directory './models/llama-finetuned' not found"]),
     (["MODEL=tests/no-such-model"], ["model directory 'tests/no-such-model' not found"]),  # under a directory here
-    (["SEQ_LEN=4096", "MICRO_BATCH=64"], ["gives", "blocks of SEQ_LEN=4096 tokens", "needs"]),
+    (["SEQ_LEN=4096", "MICRO_BATCH=64"], ["gives", "training blocks of SEQ_LEN=4096 tokens", "one global batch of 128"]),
 ])
 def test_bad_input_is_refused_before_any_process_starts(args, fragments, out_dir, launch_here):
     refused(launch_here, out_dir, *TINY_CHECKED, *args, fragments=fragments)
@@ -125,11 +126,11 @@ def test_yaml_syntax_error_names_file_line_and_column(out_dir, tmp_path, launch_
 @pytest.mark.parametrize("name, content, fragments", [
     ("c.jsonl", json.dumps({"content": "a story"}) + "\n", ["has no column 'text'; columns: ['content']", "data.text_field"]),
     ("binary.txt", bytes(range(256)) * 8, ["cannot be loaded", "UnicodeDecodeError"]),
-    ("short.txt", "Once upon a time.\n", ["gives 0 blocks of SEQ_LEN=32 tokens", "needs 9"]),
+    ("short.txt", "Once upon a time.\n", ["gives 0 training blocks of SEQ_LEN=32 tokens", "one global batch of 8"]),
     ("blank.txt", "\n \n\t\n", ["has no text in column 'text'"]),
     ("numbers.jsonl", json.dumps({"text": 5}) + "\n", ["column 'text' holds int values, not text"]),
 ])
-def test_bad_data_is_found_in_a_sample_before_any_process_starts(name, content, fragments, out_dir, tmp_path, launch_here):
+def test_bad_data_is_found_before_any_process_starts(name, content, fragments, out_dir, tmp_path, launch_here):
     data = tmp_path / name
     data.write_bytes(content) if isinstance(content, bytes) else data.write_text(content)
     refused(launch_here, out_dir, *TINY_CHECKED, f"DATASET={data}", fragments=[f"'{data}'", *fragments])
@@ -262,3 +263,50 @@ def test_the_file_accelerate_config_default_writes_trains(tmp_path):
     assert f"[config] ACCELERATE_CONFIG {acc} runs as the checked recipe: STRATEGY=ddp" in p.stdout
     assert "NPROC=1" in p.stdout and "world size 1" in p.stdout
     assert "engaged as MULTI_CPU world_size=1" in p.stdout
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(tmp_path_factory):
+    """A small corpus prepared with the run's tokenizer, 3+ shards (copied per test before damage)."""
+    from helpers import write_docs
+    from train.config import DataConfig, ModelConfig
+    from train.data.prepare import prepare
+    from train.worker.model import load_tokenizer
+
+    d = tmp_path_factory.mktemp("prepared")
+    write_docs(d / "d.txt", 3000)
+    prepare([str(d / "d.txt")], d / "p", load_tokenizer(ModelConfig(name="llama-debug")), DataConfig(shard_tokens=20_000))
+    return d / "p"
+
+
+def _damage(case: str, good: Path, tmp: Path) -> tuple[list[str], list[str]]:
+    """(arguments, fragments of the one line) for each way a prepared corpus or mixture is wrong."""
+    bad = tmp / "bad"
+    shutil.copytree(good, bad)
+    if case == "another tokenizer":
+        m = json.loads((bad / "manifest.json").read_text())
+        m["tokenizer"]["sha256"] = "0" * 16  # as a directory prepared with another tokenizer reads
+        (bad / "manifest.json").write_text(json.dumps(m))
+        return [f"DATASET={bad}"], ["was prepared with another tokenizer", "prepare it again with this run's MODEL/TOKENIZER"]
+    if case == "truncated shard":
+        f = bad / "shard-00001.tokens"
+        f.write_bytes(f.read_bytes()[:100])
+        return [f"DATASET={bad}"], ["shard file shard-00001.tokens is 100 bytes", "(truncated)"]
+    if case == "unfinished prepare":
+        (bad / "manifest.json").rename(bad / "shard-00009.json")
+        return [f"DATASET={bad}"], ["is an unfinished prepare", "run `python -m train prepare --out"]
+    if case == "missing mixture source":
+        return [f"data.mixture={good}=0.7,{tmp}/nope=0.3"], [f"data file '{tmp}/nope' not found"]
+    if case == "weight not positive":
+        return [f"data.mixture={good}=0.7,{bad}=0"], [f"data.mixture weight 0 of '{bad}' must be a positive number"]
+    if case == "SEQ_LEN longer than the corpus allows":
+        return [f"DATASET={good}", "SEQ_LEN=8192"], ["training blocks of SEQ_LEN=8192 tokens", "and 0 held-out blocks", "smaller SEQ_LEN"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["another tokenizer", "truncated shard", "unfinished prepare", "missing mixture source",
+                                  "weight not positive", "SEQ_LEN longer than the corpus allows"])
+def test_a_bad_prepared_corpus_or_mixture_is_refused_before_any_process_starts(case, prepared_dir, out_dir, tmp_path,
+                                                                              launch_here):
+    args, fragments = _damage(case, prepared_dir, tmp_path)
+    refused(launch_here, out_dir, *TINY_CHECKED, *args, fragments=fragments)

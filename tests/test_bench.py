@@ -15,7 +15,8 @@ import pytest
 from helpers import REPO, job_env
 
 SECTIONS = ("## 1. Loop overhead", "## 2. Strategies", "## 3. Data pipeline", "## 4. Memory per rank",
-            "## 5. Precision", "## 6. Launch to first completed step", "## 7. Checkpoint stall", "## Targets")
+            "## 5. Precision", "## 6. Launch to first completed step", "## 7. Checkpoint stall",
+            "## 8. Data at scale", "## Targets")
 
 
 def _tables(md: str) -> list[list[str]]:
@@ -43,7 +44,7 @@ def test_quick_bench_writes_a_well_formed_table_and_json(tmp_path):
     positions = [md.find(s) for s in SECTIONS]
     assert all(i >= 0 for i in positions) and positions == sorted(positions), positions
     tables = _tables(md)
-    assert len(tables) == 8  # one per section, targets included
+    assert len(tables) == 9  # one per section, targets included (--quick: section 8 runs no RSS jobs)
     for t in tables:
         widths = {line.count("|") for line in t}
         assert len(widths) == 1, t  # every row has the header's number of cells
@@ -83,6 +84,9 @@ def test_quick_bench_writes_a_well_formed_table_and_json(tmp_path):
     for r in stall:
         assert "error_short" not in r and r["saves"] >= 1 and 0 < r["median_stall_s"] <= r["max_stall_s"], r
     assert stall[-1]["ratio_to_sync"] == pytest.approx(stall[-1]["median_stall_s"] / stall[1]["median_stall_s"])
+    scale = rep["data_scale"]  # prepare, the tokenizer's own encode_batch, and the replaced datasets.map
+    assert all(scale[k]["tokens_per_s"] > 0 for k in ("prepare", "encode_batch", "datasets_map")), scale
+    assert scale["prepare"]["tokens"] == scale["encode_batch"]["tokens"] == scale["datasets_map"]["tokens"]
     assert len(rep["targets"]) == 4 and all(t["met"] is not None for t in rep["targets"])
 
 

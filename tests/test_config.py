@@ -334,7 +334,8 @@ def test_makefile_picks_the_cpu_torch_build_unless_an_nvidia_gpu_answers(tmp_pat
     (no_gpu / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")
     (no_gpu / "nvidia-smi").chmod(0o755)
     assert "--extra-index-url https://download.pytorch.org/whl/cpu" in torch_install_line(f"{no_gpu}:")
-    assert "--extra-index-url" not in torch_install_line(f"{bin_dir}:")  # PyPI's torch is the CUDA build
+    # A driver that prints no version gets the image's CUDA build (the version's own choice: test_gpu_host.py).
+    assert "--extra-index-url https://download.pytorch.org/whl/cu128" in torch_install_line(f"{bin_dir}:")
     assert "whl/cu128" in torch_install_line(f"{no_gpu}:", "TORCH_INDEX=https://download.pytorch.org/whl/cu128")
 
 

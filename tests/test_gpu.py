@@ -7,7 +7,11 @@ the module is sized to finish in about 8 minutes (not yet measured: it has not r
   loss and an export that loads; in bf16 also a kill -9 and a resume;
 - DeepSpeed's CPU Adam (zero3-offload) loads with no compiler on PATH;
 - a short bf16 throughput run of a ~1B-parameter Llama: tokens/s per GPU and MFU;
-- with 2+ GPUs: 2-process NCCL runs whose fp32 (TF32 off) losses agree across strategies;
+- a 2-rank zero2 / fsdp checkpoint written on CPU, resumed on one GPU under zero2 and fsdp:
+  the converted resume hands the fused CUDA AdamW its `step` on the GPU;
+- DEVICE=cpu on a GPU host: fsdp and zero2 train on CPU with the GPUs hidden;
+- with 2+ GPUs: 2-process NCCL runs whose fp32 (TF32 off) losses agree across strategies, and
+  FSDP2 from a pretrained model read on rank 0 only;
 - a profile of two steps with CUDA kernels and a memory snapshot, the out-of-memory snapshot and
   exit 10, and `verify` of a CUDA checkpoint (issue 30).
 (tests/test_precision.py's fp16 overflow test also runs on CUDA under `make test-gpu`.)
@@ -105,6 +109,9 @@ def test_every_strategy_trains_exports_and_resumes_on_one_gpu(strategy, precisio
     curve = losses(tmp_path)
     steps = [r["step"] for r in read_metrics(tmp_path)]
     assert steps[-1] == STEPS and falling(curve), f"{strategy} {precision}: losses {curve}"
+    if precision == "fp16":  # the loss scale and the overflow-skipped steps of each row (issue 25, item 8)
+        rows = read_metrics(tmp_path)
+        assert all(r["loss_scale"] >= 1 and r["skipped_steps"] >= 0 for r in rows), rows[-1]
     n = check_export_loads(tmp_path)
     record(f"{strategy} {precision}", passed=True, first_loss=round(curve[0], 4), last_loss=round(curve[-1], 4),
            resumed_from=resumed_from, exported_params=n)
@@ -207,3 +214,55 @@ def test_two_gpu_nccl_fp32_losses_agree_across_strategies(tmp_path, record):
     worst = max(abs(a - b) / abs(b) for s in FP32_AGREEMENT for a, b in zip(curves[s], curves["ddp"]))
     record("2-GPU NCCL fp32 loss agreement", passed=worst < 1e-3, worst_relative_difference=f"{worst:.2e}")
     assert worst < 1e-3, curves
+
+
+CPU_2RANK = {"DEVICE": "cpu", "NPROC": "2", "MODEL": "llama-debug", "SEQ_LEN": "32", "MICRO_BATCH": "4",
+             "GLOBAL_BATCH": "8", "MAX_STEPS": "2", "CHECKPOINT_EVERY": "2", "checkpoint.export": "false",
+             "train.eval_every": "0", "log.progress": "false"}
+
+
+@pytest.mark.parametrize("source", ["zero2", "fsdp"])
+@pytest.mark.parametrize("target", ["zero2", "fsdp"])
+def test_a_cpu_checkpoint_resumes_on_one_gpu_with_fused_adamw(source, target, tmp_path, record):
+    """The documented way across node counts: a 2-rank checkpoint (here written on CPU) resumed on
+    one GPU. Under ZeRO resume.py sets AdamW's state by hand; the fused CUDA kernel reads `step`
+    in device code, so a CPU `step` fails the first step (issue 25, item 4)."""
+    src = tmp_path / "cpu"
+    train(src, **{**CPU_2RANK, "STRATEGY": source})
+    ckpt = src / "checkpoints" / "step_00000002"
+    out = tmp_path / "gpu"
+    p = train(out, **{**GPU, "MODEL": "llama-debug", "SEQ_LEN": "32", "MICRO_BATCH": "8", "GLOBAL_BATCH": "8",
+                      "STRATEGY": target, "PRECISION": "bf16", "RESUME": str(ckpt), "MAX_STEPS": "4",
+                      "CHECKPOINT_EVERY": "0", "checkpoint.export": "false", "train.eval_every": "0"})
+    assert f"resumed from {ckpt} at step 2" in p.stdout
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [3, 4] and all(math.isfinite(r["loss"]) for r in rows), rows
+    record(f"converted resume {source} (2 CPU ranks) -> {target} (1 GPU)", passed=True,
+           losses=[round(r["loss"], 4) for r in rows])
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero2"])
+def test_device_cpu_on_a_gpu_host_trains_on_cpu(strategy, tmp_path, record):
+    """`make test` on a GPU workstation: DEVICE=cpu hides the GPUs, so accelerate does not pick
+    CUDA under the gloo backend the CPU recipe forces (issue 25, item 2)."""
+    p = train(tmp_path, **{**CPU_2RANK, "STRATEGY": strategy, "CHECKPOINT_EVERY": "0"})
+    assert "device=cpu" in p.stdout, p.stdout[-3000:]
+    record(f"DEVICE=cpu {strategy} on a GPU host", passed=True)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fsdp2_pretrained_on_two_gpus_reads_on_rank0_and_trains(tmp_path, record):
+    """Rank 1 builds the model without weights and receives rank 0's through the broadcast in
+    prepare (issue 25, item 5): the run must train exactly as one that read on every rank would."""
+    from helpers import save_tiny_pretrained
+
+    model = save_tiny_pretrained(tmp_path / "model")
+    curves = {}
+    for nproc in ("1", "2"):
+        out = tmp_path / f"x{nproc}"
+        train(out, **{**GPU, "MODEL": str(model), "SEQ_LEN": "32", "STRATEGY": "fsdp", "NPROC": nproc,
+                      "PRECISION": "no", "train.tf32": "false", "GLOBAL_BATCH": "16", "MAX_STEPS": "3",
+                      "CHECKPOINT_EVERY": "0", "checkpoint.export": "false"})
+        curves[nproc] = losses(out)
+    assert curves["2"] == pytest.approx(curves["1"], rel=1e-3), curves
+    record("FSDP2 pretrained, rank-0 read, 2 GPUs", passed=True, losses=curves["2"])

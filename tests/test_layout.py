@@ -26,7 +26,8 @@ RULES = [
     ("train.config", ("train.",), ("train.config",)),
     ("train.worker", ("train.launcher", "train.tools"), ()),
     ("train.checkpoint", ("train.launcher", "train.tools"), ()),
-    ("train.data", ("train.launcher", "train.tools", "train.worker"), ()),
+    # data reads with the run's tokenizer, which the model module loads (presets use the built-in one)
+    ("train.data", ("train.launcher", "train.tools", "train.worker"), ("train.worker.model",)),
     ("train.launcher", ("train.tools",), ()),
 ]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import fp16_accelerator, one_step
 from train.config import ConfigError, load_config
 from train.config.strategies import STRATEGIES
 from train.worker.accelerator import (
@@ -25,40 +26,6 @@ from train.worker.accelerator import (
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (make test-gpu)")])]
-
-
-def fp16_accelerator(device: str):
-    """accelerate with the GradScaler it uses for fp16 on a GPU. On CUDA it is accelerate's own;
-    accelerate makes none on CPU, so there the same torch GradScaler is handed to it before
-    `prepare` (the optimizer wrapper, backward and step are accelerate's real code)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    if device == "cuda":
-        acc = Accelerator(mixed_precision="fp16")
-    else:
-        acc = Accelerator(cpu=True)
-        acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
-    assert acc.scaler is not None
-    return acc
-
-
-def one_step(acc, model, opt, sched, inject_inf: bool) -> bool:
-    x = torch.randn(4, 8, device=acc.device)
-    with acc.autocast():
-        loss = model(x).float().pow(2).mean()
-    acc.backward(loss)
-    if inject_inf:
-        next(model.parameters()).grad.view(-1)[0] = float("inf")
-    norm = acc.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    skipped = optimizer_step_skipped(acc, norm)
-    if not skipped:  # the loop's rule: an overflowed step does not advance the LR schedule
-        sched.step()
-    opt.zero_grad(set_to_none=True)
-    return skipped
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -111,10 +78,10 @@ def test_fsdp2_reduces_gradients_in_fp32_under_mixed_precision(precision, low):
     assert "mixed_precision_policy" not in fsdp_plugin_settings(load_config(["PRECISION=no"]), "cpu")
 
 
-def test_fsdp2_loads_a_pretrained_model_on_rank0_only_on_cuda(tmp_path):
+def test_fsdp2_loads_a_pretrained_model_on_rank0_only(tmp_path):
     pretrained = load_config([f"MODEL={tmp_path}", "STRATEGY=fsdp"])
     assert fsdp_plugin_settings(pretrained, "cuda")["cpu_ram_efficient_loading"] is True
-    assert "cpu_ram_efficient_loading" not in fsdp_plugin_settings(pretrained, "cpu")  # CPU recipe: off
+    assert fsdp_plugin_settings(pretrained, "cpu")["cpu_ram_efficient_loading"] is True  # RSS: test_gpu_host.py
     preset = load_config(["MODEL=llama-tiny", "STRATEGY=fsdp"])
     assert "cpu_ram_efficient_loading" not in fsdp_plugin_settings(preset, "cuda")  # built on every rank
 

@@ -184,3 +184,28 @@ def test_env_shows_this_hosts_side_of_the_provenance():
     said = [ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("[provenance] ")]
     assert p.returncode == 0 and said == ["code", "packages", "hardware"], p.stdout
     assert f"code {code_identity()['commit'][:12]}" in p.stdout
+
+
+def test_a_prepared_corpus_is_identified_by_its_manifest_and_verify_rehashes_its_shards(tmp_path):
+    """Start-up reads the manifest's recorded shard hashes (flat in corpus size); verify hashes the
+    files again, so a shard changed after prepare is named."""
+    from helpers import prepare_cli, write_docs
+
+    from train.checkpoint.provenance import data_changes, data_identity
+    from train.config import DataConfig
+
+    write_docs(tmp_path / "docs.txt", 200)
+    prepare_cli(tmp_path / "prepared", tmp_path / "docs.txt")
+    cfg = DataConfig(dataset=str(tmp_path / "prepared"))
+    at_start = data_identity(cfg)
+    assert at_start["kind"] == "prepared" and at_start["files"]
+    assert data_changes(at_start, data_identity(cfg, deep=True)) == []
+    shard = sorted((tmp_path / "prepared").glob("*.tokens*"))[0] if list((tmp_path / "prepared").glob("*.tokens*")) \
+        else sorted(p for p in (tmp_path / "prepared").iterdir() if p.name != "manifest.json")[0]
+    blob = bytearray(shard.read_bytes())
+    blob[0] ^= 1
+    shard.write_bytes(bytes(blob))
+    assert data_identity(cfg) == at_start  # the manifest did not change
+    changed = data_changes(at_start, data_identity(cfg, deep=True))
+    assert changed == [f"data: {shard.name} changed (sha256 {at_start['files'][shard.name][:12]} -> "
+                       f"{data_identity(cfg, deep=True)['files'][shard.name][:12]})"]

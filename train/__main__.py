@@ -109,6 +109,12 @@ def _convert(argv: list[str]) -> None:
     convert_main("convert", argv)
 
 
+def _prepare(argv: list[str]) -> None:
+    from train.data.prepare import main as prepare_main
+
+    prepare_main(argv)
+
+
 class Command(NamedTuple):
     run: Callable[[list[str]], int | None]
     help: str
@@ -125,12 +131,14 @@ COMMANDS: dict[str, Command] = {
     "bench": Command(_bench, "the benchmark table (train/tools/bench/)"),
     "env": Command(_env, "versions of everything that matters, and `accelerate env`"),
     "warm": Command(_warm, "pre-build DeepSpeed's JIT ops for this machine (done by `make` at install time)"),
-    "info": Command(_info, "version | pin PACKAGE | strategies | compose: one fact about this checkout, for make"),
+    "info": Command(_info, "version | pin PACKAGE | strategies | compose | torch-index | system-torch: one fact "
+                           "about this checkout, for make"),
     "verify": Command(_verify, "CKPT [--steps N] [key=value ...]: replay N steps from a checkpoint and compare with "
                                "the losses the run logged (exit 0: reproduces, 9: does not); names what differs"),
     "hang-report": Command(_hang_report, "OUTPUT_DIR: which rank hung, where: the table and verdict of the newest hang dump"),
     "export": Command(_export, "CKPT OUT: a Hugging Face model (safetensors, config, tokenizer) from any checkpoint"),
     "convert": Command(_convert, "CKPT OUT --to STRATEGY [--world-size N]: a checkpoint that resumes under STRATEGY"),
+    "prepare": Command(_prepare, "--out DIR SOURCE... [key=value]: tokenize sources into token shards (docs/data.md)"),
 }
 
 

@@ -9,15 +9,16 @@ from pathlib import Path
 # -- a small pretrained model, saved once, loaded by path like any hub model ----------------
 
 
-def save_tiny_pretrained(path: Path) -> Path:
+def save_tiny_pretrained(path: Path, **sizes) -> Path:
     """The llama-debug preset with the built-in tokenizer, written with save_pretrained: a
-    "pretrained" model for fine-tuning tests without a download."""
+    "pretrained" model for fine-tuning tests without a download. ``sizes``: model.* size keys
+    (hidden_size, num_layers, intermediate_size, num_heads) for a bigger one."""
     import torch
 
     from train.config import ModelConfig
     from train.worker.model import build_model, load_tokenizer
 
-    cfg = ModelConfig(name="llama-debug")
+    cfg = ModelConfig(name="llama-debug", **sizes)
     tok = load_tokenizer(cfg)
     torch.manual_seed(0)
     build_model(cfg, len(tok)).save_pretrained(path, safe_serialization=True)

@@ -164,6 +164,16 @@ def workers_of(output_dir: Path) -> list[psutil.Process]:
     return found
 
 
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set size so far (VmHWM), in bytes; 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    found = [ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM:")]
+    return int(found[0]) * 1024 if found else 0
+
+
 def worker_pids(output_dir: Path, count: int, timeout: float = 60) -> dict[int, int]:
     """rank -> pid of the run's workers, once ``count`` of them are up."""
     deadline = time.monotonic() + timeout

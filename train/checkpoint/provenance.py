@@ -147,18 +147,36 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def data_identity(cfg: DataConfig) -> dict[str, Any]:
+def data_identity(cfg: DataConfig, deep: bool = False) -> dict[str, Any]:
     """What the run trains from: for files, a hash over every file's name and content (and each
     file's own hash, which names a changed shard); for a hub dataset, its id (the hub's own
-    revision is not known offline)."""
-    from train.data import resolve_source
+    revision is not known offline).
 
-    _, kwargs = resolve_source(cfg)
-    if "data_files" not in kwargs:
-        return {"source": cfg.dataset, "kind": "hub", "config": cfg.dataset_config or None, "sha256": None}
-    files = kwargs["data_files"]["train"]
-    files = [Path(f) for f in ([files] if isinstance(files, str) else files)]
-    base = Path(cfg.dataset) if Path(cfg.dataset).is_dir() else files[0].parent
+    A prepared directory is identified by its manifest, which holds each shard file's sha256 from
+    when it was written: reading it costs the same for 10 MB and 10 GB, so start-up stays flat in
+    corpus size. ``deep`` (``verify``) hashes the shard files again, so a shard changed after
+    prepare shows up as a file whose content no longer has the recorded hash."""
+    import dataclasses
+
+    from train.data import resolve_source
+    from train.data.loader import parse_mixture
+    from train.data.shards import is_prepared
+
+    if cfg.mixture:  # each source's identity, its files named under the source
+        parts = [(name, data_identity(dataclasses.replace(cfg, dataset=name, mixture=""), deep))
+                 for name, _ in parse_mixture(cfg.mixture)]
+        total = hashlib.sha256("".join(f"{n}\0{d.get('sha256')}\0" for n, d in parts).encode())
+        return {"source": cfg.mixture, "kind": "mixture", "sha256": total.hexdigest(),
+                "files": {f"{n}/{rel}": h for n, d in parts for rel, h in (d.get("files") or {}).items()}}
+    if is_prepared(Path(cfg.dataset)):
+        return _prepared_identity(Path(cfg.dataset), deep)
+    else:
+        _, kwargs = resolve_source(cfg.dataset, cfg.dataset_config)
+        if "data_files" not in kwargs:
+            return {"source": cfg.dataset, "kind": "hub", "config": cfg.dataset_config or None, "sha256": None}
+        files = kwargs["data_files"]["train"]
+        files = [Path(f) for f in ([files] if isinstance(files, str) else files)]
+        base = Path(cfg.dataset) if Path(cfg.dataset).is_dir() else files[0].parent
     total, per_file, size = hashlib.sha256(), {}, 0
     for f in files:
         rel = str(f.relative_to(base)) if f.is_relative_to(base) else f.name
@@ -169,6 +187,21 @@ def data_identity(cfg: DataConfig) -> dict[str, Any]:
             per_file[rel] = digest
     return {"source": cfg.dataset, "kind": "files", "sha256": total.hexdigest(), "bytes": size,
             "files": per_file}
+
+
+def _prepared_identity(path: Path, deep: bool) -> dict[str, Any]:
+    from train.data.shards import MANIFEST
+
+    raw = (path / MANIFEST).read_bytes()
+    manifest = json.loads(raw)
+    suffixes = {key: spec["suffix"] for key, spec in manifest["arrays"].items()}
+    recorded = {shard["name"] + suffixes[key]: digest for shard in manifest["shards"]
+                for key, digest in shard.get("sha256", {}).items()}
+    files = {rel: (_file_sha256(path / rel) if deep else digest) for rel, digest in recorded.items()}
+    listed = dict(list(files.items())[:MAX_LISTED_FILES])
+    return {"source": str(path), "kind": "prepared", "sha256": hashlib.sha256(raw).hexdigest(),
+            "content_sha256": hashlib.sha256("".join(f"{k}\0{v}\0" for k, v in sorted(files.items())).encode()).hexdigest(),
+            "tokens": sum(shard["tokens"] for shard in manifest["shards"]), "files": listed}
 
 
 def constraints_sha256(root: Path = REPO_ROOT) -> str | None:
@@ -295,7 +328,8 @@ def caveats(prov: dict) -> list[str]:
 
 def data_changes(old: dict | None, new: dict | None) -> list[str]:
     """The changed, missing and new files of the data, by name (or the total, past MAX_LISTED_FILES)."""
-    if not old or not new or old.get("sha256") == new.get("sha256"):
+    key = "content_sha256" if old and new and "content_sha256" in old and "content_sha256" in new else "sha256"
+    if not old or not new or old.get(key) == new.get(key):
         return []
     if old.get("source") != new.get("source"):
         return [f"data: source {old.get('source')} -> {new.get('source')}"]

@@ -64,16 +64,14 @@ def _load_deepspeed(engine, unwrapped, optimizer, src: Source) -> None:
         st = inner.state[flat]
         if "exp_avg" not in st:
             st.update(step=torch.tensor(0.0) if torch_step else 0, exp_avg=torch.zeros_like(flat),
-                      exp_avg_sq=torch.zeros_like(flat))
+                      exp_avg_sq=torch.zeros_like(flat))  # step: set below, where the optimizer keeps it
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
         zero._lazy_init_hp_params_optimizer_state()
     for name, p in unwrapped.named_parameters():
         safe_set_full_fp32_param(p, src.get("param", name))
         for kind in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(p, src.get(kind, name), kind)
-    for st in inner.state.values():
-        if "step" in st:
-            st["step"] = torch.tensor(float(src.step)) if torch.is_tensor(st["step"]) else src.step
+    set_steps(inner, src.step, as_tensor=torch_step)
     if hasattr(zero, "update_lp_params"):  # ZeRO 1/2: fp32 partitions -> the model's (all-gathered) weights
         zero.update_lp_params()
     else:
@@ -90,3 +88,26 @@ def _refresh_zero3_lp(zero) -> None:
     for sub, flat in enumerate(zero.fp16_partitioned_groups_flat):
         for part, q in zip(zero.fp16_partitioned_groups[sub], zero.unflatten(flat, zero.fp16_partitioned_groups[sub])):
             part.data = q.data
+
+
+def set_steps(optimizer, step: int, as_tensor: bool = True) -> None:
+    """Every parameter state's ``step``, kept where the optimizer itself keeps it.
+
+    torch's rule (``Optimizer._process_value_according_to_param_policy``, what ``load_state_dict``
+    applies): a fused or capturable optimizer reads ``step`` in device code, as float32 on the
+    parameter's device; the others keep it as a CPU tensor. A CPU ``step`` handed to the fused
+    CUDA AdamW of a ZeRO run resumed from a converted checkpoint fails its first step.
+    DeepSpeed's own optimizers (CPU Adam) count in a plain int (``as_tensor=False``).
+    """
+    # Over the states, not the groups' params: ZeRO-3 points its optimizer's param group at one
+    # fp32 partition at a time (stage3._optimizer_step), so the groups do not list every state's key.
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    for p, st in optimizer.state.items():
+        if "step" not in st:
+            continue
+        if not as_tensor:
+            st["step"] = step
+        elif on_device:
+            st["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+        else:
+            st["step"] = torch.tensor(float(step))

@@ -66,11 +66,26 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ConfigError(f"unknown {key.rsplit('.', 1)[-1]} {s!r}; allowed: {', '.join(allowed)}")
         return s
     if typ is str:
+        if key == "data.mixture" and isinstance(value, list):
+            value = _mixture_from_list(value)
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key} must be a string, got {type(value).__name__}")
         # YAML reads `no` as False: precision "no" must survive that.
         return "no" if value is False else str(value)
     raise TypeError(typ)
+
+
+def _mixture_from_list(items: list) -> str:
+    """YAML's ``mixture: [{dataset: DIR, weight: 0.7}, ...]`` as the one-line form ``DIR=0.7,...``."""
+    out = []
+    for it in items:
+        if isinstance(it, Mapping) and set(it) == {"dataset", "weight"}:
+            out.append(f"{it['dataset']}={it['weight']}")
+        elif isinstance(it, str):
+            out.append(it)
+        else:
+            raise ConfigError(f"data.mixture entry {it!r} must be a mapping with exactly the keys dataset and weight")
+    return ",".join(out)
 
 
 def _unknown_key(dotted: str, source: str) -> ConfigError:

@@ -104,14 +104,25 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = setting("builtin:tiny-stories", "builtin:NAME, hub id, or local text/jsonl/parquet file or directory", env="DATASET")
+    dataset: str = setting("builtin:tiny-stories", "a directory made by `python -m train prepare`, or a raw source "
+                           "(builtin:NAME, hub id, local text/jsonl/parquet/csv file or directory), prepared into "
+                           "data.cache_dir on first use (docs/data.md)", env="DATASET")
     dataset_config: str = setting("", "a hub dataset's configuration name (e.g. wikitext-2-raw-v1)")
     split: str = setting("train", "a hub dataset's split to train on (local files are one split)")
     text_field: str = setting("text", "the column holding the text (jsonl, parquet, csv, hub)")
     seq_len: int = setting(128, "tokens per training sequence (documents are packed into blocks of this length)", env="SEQ_LEN", ge=8)
-    eval_fraction: float = setting(0.05, "share of the packed blocks held out for evaluation", gt=0, lt=0.5)
+    eval_fraction: float = setting(0.05, "held out from DATASET (each mixture source): its last documents, this share "
+                                   "of its tokens rounded to whole documents; unused with data.eval_dataset", gt=0, lt=0.5)
+    eval_dataset: str = setting("", "a separate held-out dataset (same forms as DATASET); empty = hold out "
+                                "data.eval_fraction of DATASET's documents", env="EVAL_DATASET")
+    mixture: str = setting("", "weighted mixture instead of DATASET: SOURCE=WEIGHT,SOURCE=WEIGHT (in YAML also a list "
+                           "of {dataset, weight}); sources as DATASET, weights > 0", env="DATA_MIXTURE")
     num_workers: int = setting(0, "DataLoader worker processes per rank (0 = load in the training process)", ge=0)
-    cache_dir: str = setting("", "where `datasets` caches loaded and tokenized data; empty = its default (HF_HOME/datasets)")
+    cache_dir: str = setting("", "where raw DATASETs are prepared on first use (CACHE/prepared/) and `datasets` keeps "
+                             "downloads; empty = ~/.cache/train (XDG_CACHE_HOME) and its own default", env="DATA_CACHE")
+    shard_tokens: int = setting(1 << 27, "prepare: tokens per shard file (a shard ends at the first document end "
+                                "past this)", ge=1)
+    prepare_workers: int = setting(0, "prepare: tokenizing processes; 0 = the CPUs this process may use", ge=0)
 
 
 @dataclass
@@ -210,6 +221,8 @@ class RunConfig:
             "seed": self.seed,
             # None without LoRA: checkpoints written before this key existed still match
             "lora": f"r={self.model.lora_r} targets={self.model.lora_target_modules}" if self.model.lora_r else None,
+            # only when set: checkpoints of single-dataset runs keep their fingerprint
+            **({"mixture": self.data.mixture} if self.data.mixture else {}),
         }
 
     def fingerprint_hash(self) -> str:

@@ -95,9 +95,13 @@ def check_finetuning_and_tracking(cfg: RunConfig) -> None:
 
 
 def check_data(cfg: RunConfig, tokenizer, global_batch: int) -> None:
-    from train.data import check_sample
+    """A raw DATASET is prepared into its cache here, once per node before any rank exists (the
+    ranks then only open it); then SEQ_LEN and the batch are checked against the manifests."""
+    from train.data import build_splits, check_splits
+    from train.launcher.cpus import available_cpus
 
-    check_sample(cfg.data, tokenizer, global_batch)
+    splits = build_splits(cfg.data, tokenizer, cfg.seed, workers=cfg.data.prepare_workers or available_cpus())
+    check_splits(splits, cfg.data, global_batch)
 
 
 def check_resume(cfg: RunConfig, world_size: int, global_batch: int) -> None:

@@ -84,9 +84,19 @@ def rendezvous_env(cfg: RunConfig, spec) -> dict[str, str]:
             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
+def check_gpus_usable(requested_device: str) -> None:
+    """Refuse DEVICE=auto/cuda when the driver lists GPUs this torch cannot use (train/launcher/nvidia.py)."""
+    import torch
+
+    from train.launcher.nvidia import check_torch_sees_gpus
+
+    check_torch_sees_gpus(requested_device, torch.cuda.is_available(), torch.__version__, torch.version.cuda)
+
+
 def launch(cfg: RunConfig, argv: list[str]) -> int:
     from train.launcher.nodes import LAUNCHER_SCRUB_VARS, resolve_nodes, wait_for_master
 
+    check_gpus_usable(cfg.launch.device)
     device = resolve_device(cfg.launch.device)
     spec = resolve_nodes(cfg.launch, os.environ)
     nproc = processes_per_node(spec.nproc_per_node or cfg.launch.nproc_per_node, device)

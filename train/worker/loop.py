@@ -34,12 +34,13 @@ from train.worker.accelerator import (
     align_scheduler,
     build_accelerator,
     fused_adamw,
+    loads_on_rank0_only,
     optimizer_step_skipped,
     prepare_alone,
     resolve_device,
 )
 from train.worker.engage import HeldBytes, HeldBytesProbe, check_engaged, check_sharded
-from train.worker.metrics import MetricsLog, MetricsWindow
+from train.worker.metrics import MetricsLog, MetricsWindow, loss_scale
 from train.worker.model import build_model, is_preset, load_tokenizer, model_config, param_count
 from train.worker.preemption import StopSignal
 from train.worker.rollback import SpikeGuard
@@ -171,9 +172,12 @@ def setup(cfg: RunConfig) -> Run:
     prov = provenance_log.collect_and_print(cfg, acc, device)  # rank 0's record; {} on the others
     with acc.main_process_first():
         splits = data_mod.build_splits(cfg.data, tokenizer, cfg.seed)
+    data_mod.check_splits(splits, cfg.data, global_batch)
     if model is None:
         set_seed(cfg.seed)
-        model = build_model(cfg.model, len(tokenizer))
+        family = strategy.family if strategy is not None and world > 1 else None
+        model = build_model(cfg.model, len(tokenizer),
+                            without_weights=loads_on_rank0_only(cfg, family) and not acc.is_main_process)
     if lora.enabled(cfg.model):
         set_seed(cfg.seed)  # the same adapter init on every rank and under every strategy
         model = lora.apply_lora(model, cfg.model)
@@ -185,7 +189,9 @@ def setup(cfg: RunConfig) -> Run:
     full = HeldBytes(parameters=ddp[PARAMS], gradients=ddp_trained[GRADS], optimizer=ddp_trained[OPTIM])
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
-    sampler = data_mod.GlobalCursorSampler(len(splits.train), global_batch, cfg.seed)
+    if acc.is_main_process:
+        print(f"[train] data: {splits.described}", flush=True)
+    sampler = data_mod.GlobalCursorSampler(len(splits.train), global_batch, cfg.seed, splits.train)
     loader = data_mod.train_loader(splits.train, sampler, cfg.train.micro_batch, cfg.data)
     evals = data_mod.eval_loader(splits.eval, cfg.train.micro_batch)
     model = prepare_alone(acc, model)
@@ -218,8 +224,9 @@ def setup(cfg: RunConfig) -> Run:
 def metrics_window(r: Run) -> MetricsWindow:
     # MFU: model FLOPs per token (train/flops.py) against the device's peak; None on CPU/unknown GPUs.
     flops_token = flops_per_token(r.mconf, r.cfg.data.seq_len, trust_remote_code=r.cfg.model.trust_remote_code)
+    scale = (lambda: loss_scale(r.acc, r.optimizer)) if r.cfg.train.precision == "fp16" else None
     return MetricsWindow(r.acc, r.cfg.log, r.cfg.train.max_steps, r.grad_accum, r.tokens_per_step, flops_token,
-                         device_peak_flops(r.acc.device, r.cfg.train.precision))
+                         device_peak_flops(r.acc.device, r.cfg.train.precision), scale=scale)
 
 
 # What a finished run leaves behind is never freed: destroying a DDP reducer's gloo group after
@@ -260,6 +267,8 @@ def train(cfg: RunConfig) -> int:
             optimizer.step()
             if not optimizer_step_skipped(acc, grad_norm):  # fp16 overflow: the LR schedule does not advance
                 r.scheduler.step()
+            else:
+                window.step_skipped()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.samples_in_epoch += r.global_batch

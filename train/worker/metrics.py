@@ -55,7 +55,8 @@ class MetricsLog:
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")
                    and math.isfinite(v)}  # (trackers stamp their own time)
         self.acc.log(scalars, step=record["step"])
-        line = " ".join(_fmt(k, record[k]) for k in ("step", "loss", "eval_loss", "lr", "grad_norm",
+        line = " ".join(_fmt(k, record[k]) for k in ("step", "loss", "eval_loss", "lr", "grad_norm", "loss_scale",
+                                                       "skipped_steps",
                                                        "tokens_per_second", "mfu", "step_time_s", "peak_memory_mb",
                                                        "checkpoint_stall_s") if k in record)
         if self.bar is not None:
@@ -75,6 +76,15 @@ def _fmt(k: str, v) -> str:
     if isinstance(v, float):
         return f"{k}={v:.4g}" if k not in ("loss", "eval_loss") else f"{k}={v:.4f}"
     return f"{k}={v}"
+
+
+def loss_scale(accelerator, optimizer) -> float:
+    """fp16's current loss scale: accelerate's GradScaler (DDP, FSDP2), else the one DeepSpeed's
+    ZeRO optimizer keeps (accelerate makes no GradScaler for DeepSpeed). A host sync: log steps only."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:
+        return float(scaler.get_scale())
+    return float(optimizer.optimizer.loss_scale)  # AcceleratedOptimizer -> DeepSpeed's ZeRO optimizer
 
 
 class Lap(NamedTuple):
@@ -141,7 +151,10 @@ class MetricsWindow:
     gather of every rank's loss, sample hash, grad norm and own step time, read back at once."""
 
     def __init__(self, acc, log_cfg, max_steps: int, grad_accum: int, tokens_per_step: int,
-                 flops_per_token: float | None, peak_flops: float | None):
+                 flops_per_token: float | None, peak_flops: float | None, scale=None):
+        """``scale``: under fp16, a callable returning the current loss scale; each record then
+        carries it and how many of its steps the overflow check skipped (a run stuck at the minimum
+        scale shows only grad_norm=inf otherwise)."""
         from accelerate.utils import gather_object
 
         self.acc, self.every, self.max_steps, self.held_every = acc, log_cfg.every, max_steps, log_cfg.held_bytes_every
@@ -152,7 +165,8 @@ class MetricsWindow:
         self.timer = StepTimer(acc.device)
         self.loss = torch.zeros((), device=acc.device)
         self.hash = torch.zeros((), dtype=torch.long, device=acc.device)
-        self.steps = 0
+        self.steps = self.skipped = 0
+        self.scale = scale
 
     def is_log_step(self, step: int) -> bool:
         return step % self.every == 0 or step == self.max_steps
@@ -167,6 +181,10 @@ class MetricsWindow:
         self.loss += loss
         self.hash += sample_hash
         self.steps += 1
+
+    def step_skipped(self) -> None:
+        """The optimizer step just taken skipped its update (an fp16 overflow; every rank agrees)."""
+        self.skipped += 1
 
     def record(self, state, lr: float, grad_norm, held) -> dict:
         """The log line of the steps since the last one (means over ranks and steps); resets the window."""
@@ -192,11 +210,13 @@ class MetricsWindow:
             record["mfu"] = mfu(record["tokens_per_second_per_device"], self.flops_per_token, self.peak_flops)
         if held is not None:
             record["held_bytes"] = held.as_dict()
+        if self.scale is not None:
+            record["loss_scale"], record["skipped_steps"] = self.scale(), self.skipped
         warning = self.stragglers.check(own_times, lap.wall / n, state.step)
         if warning and self.acc.is_main_process:
             print(warning, flush=True)
         self.loss.zero_(), self.hash.zero_()
-        self.steps = 0
+        self.steps = self.skipped = 0
         return record
 
 

@@ -164,13 +164,33 @@ def _looks_like_hub_id(name: str) -> bool:
     return bool(name) and all(c.isalnum() or c in "-_." for c in name)
 
 
-def build_model(cfg: ModelConfig, vocab_size: int):
-    """Build (preset) or load (hub/local) the model in fp32; accelerate handles precision."""
+def build_model(cfg: ModelConfig, vocab_size: int, without_weights: bool = False):
+    """Build (preset) or load (hub/local) the model in fp32; accelerate handles precision.
+
+    ``without_weights``: the architecture with uninitialised parameters and nothing read, for a
+    rank that receives its weights from rank 0 (FSDP2: ``loads_on_rank0_only``). Built on the meta
+    device, then given CPU memory that is never written here, so the kernel backs none of it until
+    the broadcast shard replaces it. Not left on meta: accelerate maps the optimizer's parameters
+    to the sharded ones by data pointer, and every meta tensor's is 0. Buffers keep the values
+    they were built with: non-persistent ones (rotary frequencies) are never broadcast."""
     import torch
     from transformers import AutoModelForCausalLM
 
     conf = model_config(cfg, vocab_size)
-    if is_preset(cfg.name):
+    if without_weights:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(conf, attn_implementation=cfg.attn_implementation,
+                                                     dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        buffers = dict(model.named_buffers())
+        model.to_empty(device="cpu")
+        for name, value in buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = value
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()  # to_empty gave each tied parameter its own tensor
+    elif is_preset(cfg.name):
         model = AutoModelForCausalLM.from_config(conf, attn_implementation=cfg.attn_implementation,
                                                  dtype=torch.float32)
     else:

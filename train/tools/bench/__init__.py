@@ -19,6 +19,9 @@ Sections (what each row means: bench-results/README.md):
   7. Checkpoint stall: seconds the loop is blocked per checkpoint save (``checkpoint_stall_s``),
      synchronous for every strategy and, for FSDP, with ``ASYNC_SAVE=true`` (its ratio to
      synchronous); ``--quick`` reads the one save at the end of each section-2 run.
+  8. Data at scale (train/bench/data.py): prepare tokens/s vs the tokenizers library's own
+     encode_batch on the same cores and vs one process running datasets.map; peak RSS and
+     launch-to-first-step of a 2-rank job from a small and a generated multi-GB prepared corpus.
 
 What is timed: the time between the ends of consecutive optimizer steps, with a host sync
 every step (the loss is read every step: LOG_EVERY=1 for our loop, ``loss.item()`` in the
@@ -70,6 +73,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
     parser.add_argument("--burn-in", type=int, default=None, help="first steps of each run not timed")
     parser.add_argument("--strategies", default=None, help="comma-separated (default: every strategy this device runs)")
+    parser.add_argument("--data-text-mb", type=float, default=None, help="section 8: MB of generated text to "
+                        "prepare (default 50; --quick 1)")
+    parser.add_argument("--data-gb", type=float, default=None, help="section 8: GB of the large generated prepared "
+                        "corpus trained from beside a small one (default 4; --quick 0 = no such jobs)")
     parser.add_argument("--worker", choices=("ours", "plain", "plain-pg", "trainer"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--until", help=argparse.SUPPRESS)  # a partner run: waits for <FILE>.go, stops once FILE exists
@@ -110,7 +117,9 @@ def main(argv: list[str]) -> None:
     s = BenchSettings(model=cfg.model.name, seq_len=cfg.data.seq_len, micro_batch=cfg.train.micro_batch,
                       dataset=cfg.data.dataset, device=device, steps=steps, burn_in=burn,
                       rounds=args.rounds or (1 if args.quick else 4), strategies=names,
-                      threads=args.threads or (1 if device == "cpu" else (os.cpu_count() or 1)), quick=args.quick)
+                      threads=args.threads or (1 if device == "cpu" else (os.cpu_count() or 1)), quick=args.quick,
+                      data_text_mb=args.data_text_mb if args.data_text_mb is not None else (1 if args.quick else 50),
+                      data_gb=args.data_gb if args.data_gb is not None else (0 if args.quick else 4))
     hw = hardware()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

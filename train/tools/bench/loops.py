@@ -138,7 +138,7 @@ def trainer_loop(cfg: RunConfig, steps: int, threads: int) -> dict:
             return len(splits.train)
 
         def __getitem__(self, i):
-            x = splits.train.blocks[i]
+            x = splits.train.block(i)
             return {"input_ids": x, "labels": x}
 
     clock = Laps(device)

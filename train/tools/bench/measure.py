@@ -187,14 +187,14 @@ def _keep_beside(partner: dict, run: dict) -> None:
 # -- data efficiency ------------------------------------------------------------------------
 def data_efficiency(cfg: RunConfig) -> dict:
     """Useful tokens of the packed pipeline vs padding each line (document) to seq_len."""
-    from train.data import load_text, tokenize_and_pack
+    from train.data import open_source
     from train.worker.model import load_tokenizer
 
     tok = load_tokenizer(cfg.model)
-    tokenized, packed = tokenize_and_pack(load_text(cfg.data), tok, cfg.data)
-    lengths = [len(x) for x in tokenized["input_ids"]]  # each document with its EOS
+    corpus = open_source(cfg.data.dataset, cfg.data, tok)
+    lengths = corpus.document_lengths().tolist()  # each document with its EOS
     seq, raw = cfg.data.seq_len, sum(lengths)
-    kept_packed = len(packed) * seq
+    kept_packed = raw // seq * seq  # one token stream: only the tail shorter than a block is dropped
     kept_padded = sum(min(n, seq) for n in lengths)
     mb = cfg.train.micro_batch
     batches = [lengths[i:i + mb] for i in range(0, len(lengths), mb)]
@@ -293,4 +293,9 @@ def collect(s: BenchSettings, cfg: RunConfig, workdir: Path, log) -> dict:
 
     # 3
     log("data efficiency")
-    return {"single": single, "jobs": jobs, "stall": stall, "two_processes": two, "data": data_efficiency(cfg)}
+    eff = data_efficiency(cfg)
+    # 8
+    from .data import data_scale
+
+    scale = data_scale(s, cfg, workdir, log, s.data_text_mb, s.data_gb) if s.data_text_mb else {}
+    return {"single": single, "jobs": jobs, "stall": stall, "two_processes": two, "data": eff, "data_scale": scale}

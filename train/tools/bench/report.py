@@ -144,7 +144,8 @@ def summarize(raw: dict, s: BenchSettings, cfg: RunConfig) -> dict:
                       "flops_per_token": fpt},
             "loop_overhead": overhead, "strategies": strategies, "data": data, "memory": {"rows": memory_rows},
             "precision": precision, "startup": startup, "checkpoint_stall": _stall(raw.get("stall", []), s),
-            "targets": _targets(overhead, data, memory_rows), "settings": s.to_dict()}
+            "targets": _targets(overhead, data, memory_rows), "settings": s.to_dict(),
+            "data_scale": raw.get("data_scale", {})}
 
 
 def _stall(runs: list[dict], s: BenchSettings) -> dict:
@@ -363,7 +364,7 @@ def render_markdown(rep: dict) -> str:
           f"mean {d['mean_document_tokens']:.1f} / max {d['max_document_tokens']} tokens per document; blocks of "
           f"{d['seq_len']} tokens.", ""]
     rows = []
-    for key, label in (("packed", "packed (train/data.py)"), ("pad_to_max_length", "pad each line to seq_len"),
+    for key, label in (("packed", "packed (train/data/)"), ("pad_to_max_length", "pad each line to seq_len"),
                        ("pad_to_longest_in_batch", f"pad to longest in micro-batch of {s['micro_batch']}")):
         v = d[key]
         rows.append([label, f"{v['computed']:,}", f"{v['useful']:,}", _pct(v["useful_fraction"]),
@@ -433,6 +434,9 @@ def render_markdown(rep: dict) -> str:
                       "median step (s)", "status"], rows)
     if st.get("note"):
         out += ["", st["note"]]
+    from .data import render as render_data_scale
+
+    out += ["", *render_data_scale(rep.get("data_scale", {}))]
     out += ["", "## Targets", ""]
     rows = [[t["target"], t["value"], "met" if t["met"] else ("not met" if t["met"] is False else "n/a"), t["note"]]
             for t in rep["targets"]]

@@ -41,6 +41,8 @@ class BenchSettings:
     strategies: list[str]  # section 2: each run with 2 processes
     threads: int  # torch threads of every single-process run
     quick: bool
+    data_text_mb: float = 0.0  # section 8: generated text prepared (MB)
+    data_gb: float = 0.0  # section 8: the large generated prepared corpus (GB); 0 = no RSS jobs
 
     @property
     def primary(self) -> str:
