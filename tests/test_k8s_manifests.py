@@ -21,6 +21,7 @@ import yaml
 from helpers import (
     JOB_NAME_LABEL,
     K8S,
+    K8S_VENDOR,
     OVERLAYS_DIR,
     REPO,
     STORAGE_DIR,
@@ -30,12 +31,15 @@ from helpers import (
     overlays,
     pod_env,
     pod_labels,
+    pod_security_violations,
     project_version,
     quantity,
     render,
     render_dir,
     storage_kinds,
+    torch_runtime,
     trainer_container,
+    trainjob_job,
 )
 
 from train.config import exitcodes
@@ -235,7 +239,7 @@ def test_failure_handling_fails_the_gang_fast(overlay):
     assert spec["podReplacementPolicy"] == "Failed", "a replacement must not start while the old pod still saves"
     assert spec["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
     assert spec["template"]["spec"]["restartPolicy"] == "Never"
-    assert spec["activeDeadlineSeconds"] > 0 and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["ttlSecondsAfterFinished"] > 0
     for rule in spec["podFailurePolicy"]["rules"]:
         if "onExitCodes" in rule:
             assert rule["onExitCodes"]["containerName"] == "trainer"
@@ -255,9 +259,11 @@ def _expected_action(code: int, conditions: tuple[str, ...]) -> str:
         return "FailJob"  # retrying cannot help, even on a drained node
     if "DisruptionTarget" in conditions:
         return "Ignore"  # preemption, drain, eviction: not the job's fault
-    if code in (exitcodes.PREEMPTED, exitcodes.MASTER_UNREACHABLE):
-        return "Ignore"  # a gang-mate of a disrupted pod that saved; a cold node still pulling
-    return "Count"  # failed (in-place budget spent, node lost), hang: the gang fails as one
+    if code == exitcodes.PREEMPTED:
+        return "Ignore"  # a gang-mate of a disrupted pod that saved
+    # Failed (in-place budget spent, node lost), hang, and master unreachable (node 0 never came
+    # up within launch.master_wait_s): the gang fails as one and gives its GPUs back.
+    return "Count"
 
 
 _OUTCOMES = [(e.code, c) for e in exitcodes.TABLE if e.code != exitcodes.OK for c in ((), ("DisruptionTarget",))]
@@ -277,6 +283,32 @@ def test_fail_job_codes_are_exactly_the_final_codes(overlay):
     failing = [r for r in rules if r["action"] == "FailJob"]
     assert len(failing) == 1 and failing[0]["onExitCodes"]["operator"] == "In"
     assert sorted(failing[0]["onExitCodes"]["values"]) == sorted(exitcodes.FINAL_CODES)
+
+
+@pytest.mark.parametrize("overlay", overlays())
+def test_a_gang_that_never_forms_fails_the_job_after_master_wait_s(overlay):
+    """Node 0 Pending, unpullable or unresolvable: each worker exits 5 after launch.master_wait_s.
+    Counted with backoffLimit 0, the first such exit fails the Job (Failed, BackoffLimitExceeded),
+    and every pod gives its GPUs back; ignored, the workers were replaced for the Job's lifetime."""
+    from train.config import load_config
+
+    objs = render(overlay)
+    job = one(objs, "Job")
+    spec = job["spec"]
+    assert job_action(spec, exitcodes.MASTER_UNREACHABLE) == "Count" and spec["backoffLimit"] == 0
+    env = pod_env(job, 1)
+    wait = load_config([], env={**env, "CONFIG": str(_run_file(objs, env["CONFIG"], job))},
+                       dotenv_path=None).launch.master_wait_s
+    # Long enough for a cold node to pull the image (a CUDA image: 5-15 minutes), finite.
+    floor = 900 if GPU in trainer_container(job)["resources"]["limits"] else 60
+    assert floor <= wait <= 3600, f"{overlay}: launch.master_wait_s={wait}"
+
+
+@pytest.mark.parametrize("overlay", [o for o in overlays() if o != "cpu-smoke"])
+def test_training_runs_have_no_wall_clock_cap(overlay):
+    # activeDeadlineSeconds kills a healthy run at the deadline (and under JobSet restarts it,
+    # spending maxRestarts): no training overlay sets one. cpu-smoke, a smoke test, may.
+    assert "activeDeadlineSeconds" not in one(render(overlay), "Job")["spec"]
 
 
 @pytest.mark.parametrize("overlay", sorted(REQUIRED_OVERLAYS))
@@ -338,8 +370,10 @@ def test_pytorchjob_example_pod_templates_validate(version):
     ptj = _ptj()
     assert ptj["apiVersion"] == "kubeflow.org/v1" and ptj["kind"] == "PyTorchJob"
     for role, rs in ptj["spec"]["pytorchReplicaSpecs"].items():
+        # ExitCode is the operator's: its pods get restartPolicy Never and it recreates them itself.
+        assert rs["restartPolicy"] == "ExitCode"
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"ptj-{role.lower()}"},
-               "spec": {**rs["template"]["spec"], "restartPolicy": rs["restartPolicy"]}}
+               "spec": {**rs["template"]["spec"], "restartPolicy": "Never"}}
         kubernetes_validate.validate(pod, version, strict=True)
         (c,) = pod["spec"]["containers"]
         assert c["name"] == "pytorch", "the operator only injects its env into the container named pytorch"
@@ -354,6 +388,22 @@ def test_pytorchjob_example_pod_templates_validate(version):
         gpu_job = one(render("zero2"), "Job")["spec"]["template"]["spec"]
         assert gpu_job["tolerations"] == pod["spec"]["tolerations"]
         assert pod["spec"]["automountServiceAccountToken"] is False
+
+
+def _operator_retries(code: int) -> bool:
+    """training-operator's restartPolicy ExitCode: recreate the pod on these codes, fail the job on
+    any other (kubeflow/training-operator pkg/util/train/train_util.go, IsRetryableExitCode)."""
+    return code in (130, 137, 138, 143)
+
+
+@pytest.mark.parametrize("code", sorted({e.code for e in exitcodes.TABLE if e.code != exitcodes.OK} | {137}))
+def test_pytorchjob_exit_code_policy_follows_the_exit_code_table(code):
+    # What the Job's podFailurePolicy does without a DisruptionTarget condition, the operator's
+    # ExitCode policy does too: Ignore/replace -> recreate; FailJob or counted -> fail the job.
+    # 137 differs by design: the operator cannot tell a lost node from a spent budget and retries.
+    job_says = _expected_action(code, ())
+    assert _operator_retries(code) == (job_says == "Ignore" or code == 137), (code, job_says)
+    assert _ptj()["spec"]["runPolicy"]["backoffLimit"] >= 1, "ExitCode recreations need a budget above 0"
 
 
 @pytest.mark.parametrize("operator", ["v1-old", "v1-newer"])
@@ -456,7 +506,12 @@ def test_priority_and_kueue_components_plug_into_an_overlay(tmp_path, version):
     objs = render_dir(ov)
     for o in objs:
         kubernetes_validate.validate(o, version, strict=True)
-    job, pc = one(objs, "Job"), one(objs, "PriorityClass")
+    job = one(objs, "Job")
+    # The class is cluster-scoped and applied once on its own (k8s/priority): an overlay neither
+    # renames it (nameSuffix) nor deletes it (kubectl delete -k); the component only points at it.
+    assert not [o for o in objs if o["kind"] == "PriorityClass"]
+    pc = one(render_dir(K8S / "priority"), "PriorityClass")
+    kubernetes_validate.validate(pc, version, strict=True)
     assert job["spec"]["template"]["spec"]["priorityClassName"] == pc["metadata"]["name"]
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "training"
     # Components are opt-in: the plain overlays carry neither.
@@ -482,6 +537,14 @@ def test_network_policy_example_lets_every_pod_of_a_run_reach_the_others_and_dns
     assert {"to": [{"podSelector": {"matchLabels": sel}}]} in spec["egress"]
     dns = [r for r in spec["egress"] if any(p.get("port") == 53 for p in r.get("ports", []))]
     assert dns, "pods resolve <job>-0.<service> through cluster DNS"
+    assert all({p["protocol"] for p in r["ports"]} == {"UDP", "TCP"} and {p["port"] for p in r["ports"]} == {53}
+               for r in dns), "DNS rules open port 53 only, over UDP and TCP"
+    peers = [peer for r in dns for peer in r["to"]]
+    assert {"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}} in peers
+    # Not pods: NodeLocal DNSCache (default on recent GKE Standard, always on Autopilot) and GKE's
+    # Cloud DNS, answered by the metadata server. Without them no worker resolves the master.
+    cidrs = {peer["ipBlock"]["cidr"] for peer in peers if "ipBlock" in peer}
+    assert {"169.254.20.10/32", "169.254.169.254/32"} <= cidrs
 
 
 # -- exit codes: one table for the README, the Job and compose --------------------------------
@@ -576,7 +639,9 @@ def test_jobset_restarts_the_gang_a_bounded_number_of_times_but_never_on_a_final
     # Only the child Job's FailJob rule (its final exit codes) fails the child with reason
     # PodFailurePolicy; that reason, and nothing else, must fail the JobSet.
     fail = [r for r in fp["rules"] if r["action"] == "FailJobSet"]
-    assert fail and all(r["onJobFailureReasons"] == ["PodFailurePolicy"] for r in fail)
+    assert sorted(reason for r in fail for reason in r["onJobFailureReasons"]) == ["DeadlineExceeded", "PodFailurePolicy"]
+    # A wall-clock cap (if one is added) ends the JobSet instead of restarting it every deadline.
+    assert "activeDeadlineSeconds" not in js["spec"]["replicatedJobs"][0]["template"]["spec"]
     assert not [r for r in fp["rules"] if r["action"] == "RestartJobSetAndIgnoreMaxRestarts"]
     _, job = _jobset_job(js)
     for code, conds in _OUTCOMES:
@@ -651,3 +716,227 @@ def test_make_k8s_apply_needs_the_claim_and_k8s_storage_needs_a_kind():
     assert p.returncode != 0 and p.stderr.startswith(
         "error: STORAGE='': pick the storage kind of this cluster, one of: azurefile efs filestore nfs single-node"), \
         p.stderr
+
+
+def test_make_k8s_apply_refuses_to_reapply_over_an_existing_job_and_checks_the_node_shape():
+    # A Job's pod template is immutable: `kubectl apply` of changed settings fails half-way. The
+    # one command that applies changed settings is k8s-resubmit (delete, wait, apply: it resumes).
+    cmd = _make_dry("k8s-apply", "OVERLAY=zero2")
+    assert "get job trainer-zero2" in cmd and "make k8s-resubmit OVERLAY=zero2" in cmd
+    assert "node_fit.py" in cmd and "get nodes -o json" in cmd
+    assert cmd.index("node_fit.py") < cmd.index("apply -k"), "the shape is checked before anything is applied"
+    resubmit = _make_dry("k8s-resubmit", "OVERLAY=zero2")
+    assert resubmit.index("delete job") < resubmit.index("apply -k")
+    run_yaml = (K8S / "base" / "run.yaml").read_text()
+    assert "make k8s-resubmit" in run_yaml and "Change it and re-apply" not in run_yaml
+
+
+def test_make_k8s_delete_waits_a_bounded_time_and_names_the_lost_node_fix():
+    # A pod on an unreachable node stays Terminating: an unbounded --wait never returns.
+    cmd = _make_dry("k8s-delete", "OVERLAY=zero2")
+    timeout = re.search(r"--timeout=(\d+)s", cmd)
+    grace = one(render("zero2"), "Job")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert timeout and grace < int(timeout.group(1)) <= 2 * grace + 600, cmd
+    assert "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute" in cmd and "k8s-force-delete" in cmd
+    force = _make_dry("k8s-force-delete", "OVERLAY=zero2")
+    assert "--force --grace-period=0" in force and "app.kubernetes.io/instance=trainer-zero2" in force
+    assert "delete pods" in force, "only the pods: the Job, Service and claim stay"
+
+
+# -- Pod Security admission -----------------------------------------------------------------------
+def _example_pods() -> dict[str, dict]:
+    pods = {f"overlay {o}": one(render(o), "Job")["spec"]["template"]["spec"] for o in overlays()}
+    pods["examples/jobset.yaml"] = _jobset_job(_jobset())[1]["spec"]["template"]["spec"]
+    for role, rs in _ptj()["spec"]["pytorchReplicaSpecs"].items():
+        pods[f"examples/pytorchjob.yaml {role}"] = rs["template"]["spec"]
+    pods["examples/trainjob.yaml"] = _trainjob_child()["spec"]["template"]["spec"]
+    return pods
+
+
+@pytest.mark.parametrize("level", ["baseline", "restricted"])
+def test_every_pod_passes_pod_security_admission(level):
+    # Namespaces enforcing Pod Security "baseline" (common) or "restricted" admit every pod we
+    # ship, zero2-rdma included: IPC_LOCK is refused by both levels and is not added.
+    bad = {name: v for name, pod in _example_pods().items() if (v := pod_security_violations(pod, level))}
+    assert not bad, f"refused by Pod Security {level}: {bad}"
+
+
+def test_the_pod_security_check_refuses_what_admission_refuses():
+    pod = one(render("zero2-rdma"), "Job")["spec"]["template"]["spec"]
+    c = trainer_container({"spec": {"template": {"spec": pod}}})
+    c["securityContext"]["capabilities"]["add"] = ["IPC_LOCK"]
+    assert pod_security_violations(pod, "baseline") == ["trainer: capabilities ['IPC_LOCK']"]
+    c["securityContext"]["capabilities"]["add"] = ["CHOWN"]
+    assert pod_security_violations(pod, "baseline") == []
+    assert pod_security_violations(pod, "restricted") == ["trainer: adds capabilities other than NET_BIND_SERVICE"]
+
+
+# -- node shape: a setting of the GPU component, with the three clouds' shapes ---------------------
+SHAPES = sorted(p.name for p in (K8S / "components" / "shapes").iterdir() if (p / "kustomization.yaml").is_file())
+
+
+def _with_shape(tmp_path: Path, shape: str) -> dict:
+    ov = tmp_path / shape
+    ov.mkdir()
+    base = os.path.relpath(OVERLAYS_DIR / "zero2", ov)
+    comp = os.path.relpath(K8S / "components" / "shapes" / shape, ov)
+    (ov / "kustomization.yaml").write_text(f"resources: [{base}]\ncomponents: [{comp}]\n")
+    return one(render_dir(ov), "Job")
+
+
+def test_shapes_cover_the_three_big_clouds():
+    assert {s.split("-")[0] for s in SHAPES} >= {"gke", "eks", "aks"}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_cloud_shape_replaces_the_node_shape_consistently(tmp_path, shape):
+    import kubernetes_validate
+
+    job = _with_shape(tmp_path, shape)
+    for v in K8S_VERSIONS:
+        kubernetes_validate.validate(job, v, strict=True)
+    pod, c = job["spec"]["template"]["spec"], trainer_container(job)
+    res = c["resources"]
+    assert res["requests"] == res["limits"], "Guaranteed QoS"
+    assert int(pod_env(job, 0)["NPROC"]) == int(res["limits"][GPU])
+    assert quantity(mounts(job)["/dev/shm"]["emptyDir"]["sizeLimit"]) < quantity(res["limits"]["memory"])
+    assert pod["nodeSelector"]["node.kubernetes.io/instance-type"], "a shape names its machine type"
+    keys = {t["key"] for t in pod["tolerations"]}
+    assert GPU in keys and (shape.startswith("aks") <= ("sku" in keys)), "AKS GPU pools are tainted sku=gpu"
+    assert res["limits"] != trainer_container(one(render("zero2"), "Job"))["resources"]["limits"]
+
+
+@pytest.mark.parametrize("overlay", [o for o in overlays() if o != "cpu-smoke"])
+def test_a_gpu_gang_stays_in_one_zone(overlay):
+    job = one(render(overlay), "Job")
+    (term,) = job["spec"]["template"]["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "topology.kubernetes.io/zone"
+    assert term["labelSelector"]["matchLabels"].items() <= pod_labels(job).items(), "the term must select its own pods"
+    assert term["matchLabelKeys"] == ["batch.kubernetes.io/controller-uid"], "only this Job's pods, not another run's"
+
+
+def _node(name: str, alloc: dict, labels: dict | None = None, taints: list | None = None) -> dict:
+    # The shape of `kubectl get nodes -o json` items, the fields node_fit.py reads.
+    return {"metadata": {"name": name, "labels": labels or {}}, "spec": {"taints": taints or []},
+            "status": {"allocatable": alloc}}
+
+
+def _fit(objs: list[dict], nodes: list[dict], tmp_path: Path) -> subprocess.CompletedProcess:
+    import json
+    import sys
+
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump_all(objs))
+    (tmp_path / "nodes.json").write_text(json.dumps({"kind": "List", "items": nodes}))
+    return subprocess.run([sys.executable, str(K8S / "node_fit.py"), str(tmp_path / "job.yaml"),
+                           str(tmp_path / "nodes.json")], capture_output=True, text=True, timeout=60)
+
+
+def test_node_fit_names_the_gap_when_a_pod_exceeds_every_node(tmp_path):
+    objs = render("zero2")  # 48 CPU, 480Gi, 8 GPUs per pod; tolerates nvidia.com/gpu
+    gpu_taint = [{"key": GPU, "value": "present", "effect": "NoSchedule"}]
+    small = _node("gpu-a", {"cpu": "47500m", "memory": "1800Gi", GPU: "8"}, taints=gpu_taint)
+    cpu_only = _node("cpu-a", {"cpu": "96", "memory": "700Gi"})
+    p = _fit(objs, [small, cpu_only], tmp_path)
+    assert p.returncode == 2, p
+    assert p.stderr.strip().splitlines() == [
+        f"error: Job trainer-zero2 asks cpu=48 memory=480Gi {GPU}=8 per pod, more than any node offers: the closest, "
+        "gpu-a, has cpu=47500m allocatable; set the shape to fit (k8s/components/gpu-node/shape.yaml, or a "
+        "k8s/components/shapes/<cloud> component)"]
+    big = _node("gpu-b", {"cpu": "191450m", "memory": "2000Gi", GPU: "8"}, taints=gpu_taint)
+    p = _fit(objs, [small, big], tmp_path)
+    assert p.returncode == 0 and "fit on node gpu-b" in p.stdout, p
+
+
+def test_node_fit_respects_taints_and_selectors_and_only_notes_an_empty_pool(tmp_path):
+    objs = render("zero2")
+    aks = _node("aks-gpu", {"cpu": "96", "memory": "1800Gi", GPU: "8"},
+                taints=[{"key": "sku", "value": "gpu", "effect": "NoSchedule"}])
+    p = _fit(objs, [aks], tmp_path)  # the generic shape does not tolerate sku=gpu: no candidate
+    assert p.returncode == 0 and p.stdout.startswith("note: no node of this cluster matches"), p
+    job = _with_shape(tmp_path, "aks-nd96isr-h100-v5")
+    aks["metadata"]["labels"]["node.kubernetes.io/instance-type"] = "Standard_ND96isr_H100_v5"
+    p = _fit([job], [aks], tmp_path)
+    assert p.returncode == 0 and "fit on node aks-gpu" in p.stdout, p
+
+
+# -- Kubeflow Trainer v2: TrainJob on the torch-distributed runtime ---------------------------------
+TRAINJOB = K8S / "examples" / "trainjob.yaml"
+
+
+def _trainjob_docs() -> list[dict]:
+    return [d for d in yaml.safe_load_all(TRAINJOB.read_text()) if d]
+
+
+def _trainjob() -> dict:
+    (tj,) = [d for d in _trainjob_docs() if d["kind"] == "TrainJob"]
+    return tj
+
+
+def _trainjob_child() -> dict:
+    return trainjob_job(_trainjob(), torch_runtime())
+
+
+def test_trainjob_example_validates_against_the_trainer_v2_crd_schema():
+    import jsonschema
+
+    schema = yaml.safe_load((K8S_VENDOR / "trainjob-v1alpha1-schema.yaml").read_text())
+    tj = _trainjob()
+    jsonschema.validate(tj, schema)
+    # The CRD's CEL rules on the name (RFC 1035 label, <= 63), and JobSet's pod names under it.
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", tj["metadata"]["name"]) and len(tj["metadata"]["name"]) <= 63
+    assert tj["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
+                                        "name": "torch-distributed"}
+    # The schema is not vacuous: a misspelled field or a non-patchable pod field is refused.
+    for bad in ({"numNode": 2}, {"numProcPerNode": "8"}):
+        broken = yaml.safe_load(yaml.safe_dump(tj))
+        broken["spec"]["trainer"].update(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, schema)
+    broken = yaml.safe_load(yaml.safe_dump(tj))
+    pod_patch = broken["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    pod_patch["template"]["spec"]["template"]["spec"]["automountServiceAccountToken"] = False
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_trainjob_pods_and_service_account_validate_strictly(version):
+    import kubernetes_validate
+
+    for doc in _trainjob_docs():
+        if doc["kind"] != "TrainJob":
+            kubernetes_validate.validate(doc, version, strict=True)
+    kubernetes_validate.validate(_trainjob_child(), version, strict=True)
+
+
+def test_trainjob_pods_carry_the_jobs_hardening_and_resources():
+    tj_pod = _trainjob_child()["spec"]["template"]["spec"]
+    zero2 = one(render("zero2"), "Job")["spec"]["template"]["spec"]
+    for key in ("securityContext", "terminationGracePeriodSeconds", "tolerations"):
+        assert tj_pod[key] == zero2[key], key
+    (sa,) = [d for d in _trainjob_docs() if d["kind"] == "ServiceAccount"]
+    assert tj_pod["serviceAccountName"] == sa["metadata"]["name"] and sa["automountServiceAccountToken"] is False
+    c, z = trainer_container({"spec": {"template": {"spec": tj_pod}}}), trainer_container({"spec": {"template": {"spec": zero2}}})
+    assert c["name"] == "node", "the torch runtime's trainer container, which its plugin fills in"
+    assert c["securityContext"] == z["securityContext"] and c["resources"] == z["resources"]
+    assert mounts({"spec": {"template": {"spec": tj_pod}}}).keys() == mounts({"spec": {"template": {"spec": zero2}}}).keys()
+
+
+def test_trainjob_pods_resolve_their_node_and_master_from_the_pet_variables():
+    from train.config import load_config
+    from train.launcher.nodes import resolve_nodes
+
+    tj = _trainjob()
+    name, n = tj["metadata"]["name"], tj["spec"]["trainer"]["numNodes"]
+    job = _trainjob_child()
+    names = {e["name"] for e in tj["spec"]["trainer"]["env"]}
+    assert not names & {"NNODES", "NODE_RANK", "NPROC", "MASTER_ADDR", "MASTER_PORT"}, "explicit values beat PET_*"
+    assert not {x for x in names if x.startswith("PET_")}, "Trainer's webhook refuses reserved PET_ variables"
+    labels = {**pod_labels(job), "jobset.sigs.k8s.io/jobset-name": name}
+    for i in range(n):
+        env = pod_env(job, i, labels=labels)
+        env.pop("CONFIG")
+        node = resolve_nodes(load_config([], env=env, dotenv_path=None).launch, env)
+        assert (node.source, node.nnodes, node.node_rank, node.nproc_per_node) == ("pet", n, i, 8)
+        assert (node.master_addr, node.master_port) == (f"{name}-node-0-0.{name}", 29500)
+        assert env["OUTPUT_DIR"] == f"/data/runs/{name}", "stable across restarts: RESUME=auto finds the last run"

@@ -1,23 +1,59 @@
-"""The rdma component (k8s/components/rdma): what NCCL needs to use InfiniBand/RoCE in a pod.
+"""The rdma component (k8s/components/rdma): what NCCL needs to use InfiniBand in a pod.
 
 Rendered through overlays/zero2-rdma, which every test in test_k8s_manifests.py also renders,
 validates against the Kubernetes schemas and holds to the same policies (non-root, Guaranteed
-resources, names). Here: the parts that decide whether NCCL uses the fabric or TCP sockets.
+resources, names, Pod Security restricted). Here: the parts that decide whether NCCL uses the
+fabric or TCP sockets, and the preflight that refuses a node whose memlock would break it.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, TINY, pod_security_violations
 
 from test_k8s_manifests import one, pod_env, render, trainer_container
 
 OVERLAY = "zero2-rdma"
 
 
-def test_rdma_pods_request_the_device_and_only_ipc_lock_back():
-    c = trainer_container(one(render(OVERLAY), "Job"))
+def test_rdma_pods_request_the_device_and_add_no_capability():
+    # IPC_LOCK is refused by Pod Security baseline and restricted, and does nothing for uid 1000:
+    # what RDMA needs from the node is an unlimited memlock (checked by the preflight below).
+    pod = one(render(OVERLAY), "Job")["spec"]["template"]["spec"]
+    c = trainer_container({"spec": {"template": {"spec": pod}}})
     res = c["resources"]
     assert res["limits"]["rdma/ib"] == res["requests"]["rdma/ib"] == 1
-    caps = c["securityContext"]["capabilities"]
-    assert caps == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod_security_violations(pod, "restricted") == []
+
+
+@pytest.mark.skipif(not shutil.which("prlimit"), reason="needs prlimit (util-linux)")
+@pytest.mark.parametrize("nccl_net", ["IB", None], ids=["NCCL_NET=IB", "no-NCCL_NET"])
+def test_preflight_fails_a_small_memlock_when_nccl_must_use_infiniband(tmp_path, nccl_net):
+    """With the rdma component's NCCL_NET=IB, a node whose memlock limit is not unlimited fails
+    the preflight (exit 3, one line naming the limit and the runtime fix), before any process
+    group; without NCCL_NET=IB and without InfiniBand devices the same limit is fine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NCCL_", "PET_"))}
+    env.update(MODEL=TINY["MODEL"], SEQ_LEN=TINY["SEQ_LEN"], OUTPUT_DIR=str(tmp_path / "out"), DEVICE="cpu", NPROC="1",
+               NNODES="1", HF_HUB_OFFLINE="1")
+    env.pop("CONFIG", None)
+    if nccl_net:
+        env["NCCL_NET"] = pod_env(one(render(OVERLAY), "Job"), 0)["NCCL_NET"]
+        assert env["NCCL_NET"] == nccl_net
+    p = subprocess.run(["prlimit", "--memlock=65536:65536", sys.executable, "-m", "train", "doctor"], env=env,
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    if nccl_net:
+        assert p.returncode == 3, out
+        (line,) = [x for x in out.splitlines() if x.startswith("preflight failed:")]
+        assert "memlock: 64 KiB vs unlimited (NCCL_NET=IB)" in line and "LimitMEMLOCK=infinity" in line, line
+    else:
+        assert p.returncode == 0, out
 
 
 def test_rdma_pods_use_nccls_ib_transport_without_an_interface_pin():

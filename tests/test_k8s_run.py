@@ -28,7 +28,22 @@ from pathlib import Path
 import helpers as km
 import psutil
 import pytest
-from helpers import REPO, PodNetwork, free_port, mounts, one, pod_env, render, trainer_container, try_network
+from helpers import (
+    K8S,
+    REPO,
+    TINY,
+    PodNetwork,
+    free_port,
+    mounts,
+    one,
+    pod_env,
+    pod_labels,
+    render,
+    torch_runtime,
+    trainer_container,
+    trainjob_job,
+    try_network,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +51,9 @@ OVERLAY = "cpu-smoke"
 STEPS = 6
 RUN_TIMEOUT_S = int(os.environ.get("K8S_RUN_TIMEOUT_S", "420"))  # per launch: 2-process gloo runs can hang, nothing here may wait forever
 KILL_DIST_TIMEOUT_S = 30
+# The tiny model for every case: what is tested is how the pods form, lose and resume a gang, not
+# the model (the 5M default ran 8-9 s a step here, which made this the suite's slowest file).
+SMALL = {"MODEL": TINY["MODEL"], "SEQ_LEN": TINY["SEQ_LEN"]}
 # Variables of ours or of other launchers that must not leak from the test's environment.
 _STRIP = {"CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "JOB_COMPLETION_INDEX",
           "MASTER_ADDR", "MASTER_PORT"}
@@ -45,12 +63,14 @@ _STRIP = {"CONFIG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GRO
 
 
 class Cluster:
-    """The rendered cpu-smoke Job, with its volumes on disk under `root`."""
+    """The rendered cpu-smoke Job (or another controller's Job, with its pods' DNS names and labels),
+    with its volumes on disk under `root`."""
 
-    def __init__(self, root: Path):
-        self.objs = render(OVERLAY)
-        self.job = one(self.objs, "Job")
-        self.svc = one(self.objs, "Service")
+    def __init__(self, root: Path, objs: list[dict] | None = None, job: dict | None = None,
+                 names: list[str] | None = None, labels: dict | None = None):
+        self.objs = render(OVERLAY) if objs is None else objs
+        self.job = job or one(self.objs, "Job")
+        self.labels = labels  # None: the Job controller's labels (pod_env)
         self.cm = one(self.objs, "ConfigMap")
         self.n = self.job["spec"]["completions"]
         self.command = trainer_container(self.job)["command"]
@@ -67,7 +87,10 @@ class Cluster:
                 self.paths[path] = d
         for d in self.paths.values():
             d.mkdir(parents=True, exist_ok=True)
-        self.names = [f"{self.job['metadata']['name']}-{i}.{self.svc['metadata']['name']}" for i in range(self.n)]
+        if names is None:
+            svc = one(self.objs, "Service")
+            names = [f"{self.job['metadata']['name']}-{i}.{svc['metadata']['name']}" for i in range(self.n)]
+        self.names = names
 
     def _on_disk(self, value: str) -> str:
         for path, host in self.paths.items():
@@ -78,7 +101,7 @@ class Cluster:
     def env(self, index: int, **overrides: str) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items()
                 if k not in _STRIP and k not in _env_vars() and not k.startswith("PET_")}
-        pod = {k: self._on_disk(v) for k, v in pod_env(self.job, index).items()}
+        pod = {k: self._on_disk(v) for k, v in pod_env(self.job, index, labels=self.labels).items()}
         return {**base, **pod, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **overrides}
 
     def argv(self) -> list[str]:
@@ -87,7 +110,7 @@ class Cluster:
         return [sys.executable, *cmd[1:]]
 
     def output_dir(self) -> Path:
-        return Path(self._on_disk(pod_env(self.job, 0)["OUTPUT_DIR"]))
+        return Path(self._on_disk(pod_env(self.job, 0, labels=self.labels)["OUTPUT_DIR"]))
 
 
 def _env_vars() -> set[str]:
@@ -203,7 +226,8 @@ def net(cluster):
 
 # -- tests ------------------------------------------------------------------------------------
 def test_two_pods_train_as_one_job_with_the_losses_of_one_node_two_processes(cluster, net, tmp_path):
-    pods, logs = _run_job_to_success(cluster, net, tmp_path, master_delay_s=3.0, MAX_STEPS=str(STEPS), LOG_EVERY="1")
+    pods, logs = _run_job_to_success(cluster, net, tmp_path, master_delay_s=3.0, MAX_STEPS=str(STEPS), LOG_EVERY="1",
+                                     **SMALL)
     two_nodes = _losses(cluster.output_dir())
     assert [s for s, _ in two_nodes] == list(range(1, STEPS + 1)), two_nodes
     pod0 = pods[0].log.read_text(errors="replace")
@@ -217,7 +241,7 @@ def test_two_pods_train_as_one_job_with_the_losses_of_one_node_two_processes(clu
     single_root = tmp_path / "single"
     single = Cluster(single_root)
     env = single.env(0, NNODES="1", NPROC="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                     GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo", MAX_STEPS=str(STEPS), LOG_EVERY="1")
+                     GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo", MAX_STEPS=str(STEPS), LOG_EVERY="1", **SMALL)
     ref = Pod(single.argv(), env, tmp_path / "single.log")
     try:
         code = ref.wait(RUN_TIMEOUT_S)
@@ -237,7 +261,7 @@ def test_losing_one_pod_fails_the_other_within_the_timeout(cluster, net, tmp_pat
     if how == "cut" and net is None:
         pytest.skip("cutting one pod's network needs network namespaces (root)")
     pods = _start_job(cluster, net, tmp_path, MAX_STEPS="100000", LOG_EVERY="1", CHECKPOINT_EVERY="0",
-                      DIST_TIMEOUT=str(KILL_DIST_TIMEOUT_S))
+                      DIST_TIMEOUT=str(KILL_DIST_TIMEOUT_S), **SMALL)
     survivor = 1 - victim
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -352,7 +376,7 @@ def test_a_drain_or_preemption_stops_the_gang_with_a_checkpoint_and_the_job_resu
     disrupted. Every drained pod saves and exits within terminationGracePeriodSeconds."""
     steps = 8
     job = JobController(cluster, net, tmp_path, MAX_STEPS=str(steps), LOG_EVERY="1", CHECKPOINT_EVERY="0",
-                        MODEL="llama-debug", SEQ_LEN="32", TRAIN_FAILPOINTS="step_sleep=0.5")
+                        TRAIN_FAILPOINTS="step_sleep=0.5", **SMALL)
     _wait_for_steps(cluster, job.pods, 2)
     for i in drained:
         job.drain(i)
@@ -371,10 +395,54 @@ def test_a_drain_or_preemption_stops_the_gang_with_a_checkpoint_and_the_job_resu
 def test_a_final_exit_code_fails_the_job_at_once(cluster, net, tmp_path):
     """A pod that exits with a final code (here 2: a bad setting on node 1) fails the Job; no
     replacement is tried, the other pods are stopped."""
-    job = JobController(cluster, net, tmp_path, MAX_STEPS="4", LOG_EVERY="1", MODEL="llama-debug", SEQ_LEN="32")
+    job = JobController(cluster, net, tmp_path, MAX_STEPS="4", LOG_EVERY="1", **SMALL)
     bad = cluster.env(1, **job.overrides, PRECISION="fp16")  # fp16 on CPU is refused before any group starts
     job.pods[1].kill()
     job.pods[1] = Pod(net.wrap(1, cluster.argv()) if net else cluster.argv(), bad, tmp_path / "bad.log")
     outcome, logs = job.run(RUN_TIMEOUT_S)
     assert outcome == "Failed: pod 1 exit 2 -> FailJob", f"{outcome}\n{logs}"
     assert not job.replaced
+
+
+# -- Kubeflow Trainer v2: the TrainJob example's pods, as its torch runtime builds them ----------------
+def _trainjob_cluster(root: Path) -> tuple[Cluster, dict]:
+    """k8s/examples/trainjob.yaml on a CPU cluster: one process per node (numProcPerNode), no GPU
+    resources, DDP instead of ZeRO-2 (DeepSpeed's CPU ops build for a minute; the contract under
+    test is the same). Everything else is the example: env, volumes, and the PET_* variables the
+    Torch plugin adds. The ConfigMap is made from k8s/base/run.yaml, as the example says."""
+    import yaml
+
+    (tj,) = [d for d in yaml.safe_load_all((K8S / "examples" / "trainjob.yaml").read_text())
+             if d and d["kind"] == "TrainJob"]
+    tr = tj["spec"]["trainer"]
+    tr["numProcPerNode"] = 1
+    tr.pop("resourcesPerNode")
+    for e in tr["env"]:
+        e.update({"DEVICE": {"value": "cpu"}, "STRATEGY": {"value": "ddp"}}.get(e["name"], {}))
+    job = trainjob_job(tj, torch_runtime())
+    name = tj["metadata"]["name"]
+    cm = {"kind": "ConfigMap", "metadata": {"name": "trainer-run"},
+          "data": {"run.yaml": (K8S / "base" / "run.yaml").read_text()}}
+    names = [f"{name}-node-0-{i}.{name}" for i in range(tr["numNodes"])]  # JobSet's pod DNS names
+    labels = {**pod_labels(job), "jobset.sigs.k8s.io/jobset-name": name}
+    return Cluster(root, objs=[cm], job=job, names=names, labels=labels), tj
+
+
+def test_a_trainjob_on_the_torch_runtime_trains_as_one_job_from_the_pet_variables(tmp_path):
+    cluster, tj = _trainjob_cluster(tmp_path / "cluster")
+    env0 = cluster.env(0)
+    assert env0["PET_MASTER_ADDR"] == cluster.names[0] and "MASTER_ADDR" not in env0
+    net = try_network(cluster.n, cluster.names)
+    try:
+        pods, logs = _run_job_to_success(cluster, net, tmp_path, what="trainjob", master_delay_s=3.0,
+                                         MAX_STEPS=str(STEPS), LOG_EVERY="1", CHECKPOINT_EVERY="0", **SMALL)
+    finally:
+        if net:
+            net.down()
+    assert [s for s, _ in _losses(cluster.output_dir())] == list(range(1, STEPS + 1)), logs
+    assert cluster.output_dir().name == tj["metadata"]["name"]
+    if net is not None:  # on the loopback MASTER_ADDR is overridden, so only rank and count are PET_'s
+        for i, pod in enumerate(pods):
+            text = pod.log.read_text(errors="replace")
+            assert f"node {i}/2 (pet)" in text, pod.tail()
+        assert "master " + cluster.names[0] in pods[1].log.read_text(errors="replace"), pods[1].tail()

@@ -10,7 +10,8 @@ On each node, before any process group:
   gpuN matmul  (CUDA) every device multiplies bf16 matrices correctly (against a CPU fp32 result)
                at >= preflight.gpu_min_peak_fraction of its datasheet peak (train/flops.py)
   shm          free /dev/shm >= NPROC x preflight.shm_mb_per_gpu (or shm_mb_per_cpu_process)
-  memlock      unlimited when InfiniBand devices exist (else NCCL silently uses sockets); warning
+  memlock      unlimited when InfiniBand devices exist (else NCCL silently uses sockets); warning,
+               a failure when NCCL_NET=IB demands InfiniBand
   stack        >= preflight.min_stack_mb; warning
   output-dir   OUTPUT_DIR can be created and written by this uid/gid
   disk         free space at OUTPUT_DIR >= preflight.disk_checkpoints x one checkpoint of this
@@ -336,13 +337,17 @@ def _memlock() -> Check:
     ib = ib_devices()
     unlimited = soft == resource.RLIM_INFINITY
     measured = None if unlimited else soft
-    if not ib:
+    # NCCL_NET=IB asks for InfiniBand or nothing: with a small memlock NCCL's memory registration
+    # fails at the first collective, so fail here, with the limit named (the k8s rdma component).
+    forced_ib = os.environ.get("NCCL_NET", "").strip().upper() == "IB"
+    if not ib and not forced_ib:
         return Check("memlock", _limit(soft), "unlimited only with InfiniBand (none here)", OK, measured=measured)
-    verdict = OK if unlimited else WARN
-    fix = "" if unlimited else ("NCCL's InfiniBand transport pins memory and falls back to sockets without it: "
-                                "docker --ulimit memlock=-1; Kubernetes: the IPC_LOCK capability and an unlimited "
-                                "memlock from the container runtime")
-    return Check("memlock", _limit(soft), f"unlimited (InfiniBand: {', '.join(ib)})", verdict, fix, measured)
+    verdict = OK if unlimited else (FAIL if forced_ib else WARN)
+    fix = "" if unlimited else ("NCCL's InfiniBand transport pins memory: docker --ulimit memlock=-1; Kubernetes: "
+                                "the node's container runtime must give containers an unlimited memlock "
+                                "(containerd: LimitMEMLOCK=infinity in its systemd unit; upstream sets none)")
+    where = f"InfiniBand: {', '.join(ib)}" if ib else "NCCL_NET=IB"
+    return Check("memlock", _limit(soft), f"unlimited ({where})", verdict, fix, measured)
 
 
 def _stack(cfg: RunConfig) -> Check:
@@ -368,9 +373,13 @@ def _try_write(directory: Path) -> str | None:
 
 
 def _permission_fix(what: str) -> str:
-    return (f"{what} must be writable by uid {os.getuid()} gid {os.getgid()} on every node: Kubernetes: set the "
-            "pod's securityContext.fsGroup (k8s/base uses 1000) on a ReadWriteMany volume; docker: chown the "
-            "host directory to the container's UID:GID")
+    # The manifests already set fsGroup; what defeats it is the volume (docs/kubernetes.md, "Storage").
+    return (f"{what} must be writable by uid {os.getuid()} gid {os.getgid()} on every node: Kubernetes: the "
+            "pod's fsGroup is set, so the volume refused it: an NFS/Filestore export with root_squash (the "
+            "kubelet's chown fails silently: export with no_root_squash or chown the share once to "
+            f"{os.getuid()}:{os.getgid()}), an EFS access point with another uid/gid (the class's uid/gid "
+            "parameters), Azure Files mountOptions with another uid; docker: chown the host directory to the "
+            "container's UID:GID")
 
 
 def _output_dir_writable(cfg: RunConfig) -> Check:
@@ -794,7 +803,7 @@ def nccl_transport(logdir: str) -> Check:
     if ib and transport == "Socket":
         return Check("nccl-transport", "NET/Socket", threshold, WARN,
                      "NCCL fell back to TCP sockets (4-5x slower): give the pod /dev/infiniband (RDMA device "
-                     "plugin, e.g. rdma/ib: 1), the IPC_LOCK capability and an unlimited memlock; check NCCL_IB_HCA "
+                     "plugin, e.g. rdma/ib: 1) and an unlimited memlock; check NCCL_IB_HCA "
                      "and that NCCL_IB_DISABLE is unset")
     return Check("nccl-transport", f"NET/{transport}", threshold, OK)
 
