@@ -17,11 +17,6 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 DOCUMENTS = sorted([REPO / "README.md", REPO / "tests" / "README.md", *(REPO / "docs").glob("*.md")])
 
-# Pages that other branches of the same round are writing (the Kubernetes, data and Slurm pages):
-# the README already links to them. A link to one of these may point nowhere until it lands;
-# once the page exists, its links and headings are checked like any other. Empty it when all have.
-PENDING = {REPO / "docs" / "kubernetes.md", REPO / "docs" / "data.md", REPO / "docs" / "slurm.md"}
-
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
 LINK = re.compile(r"(?<!!)\[[^\]\n]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")  # [text](target "title")
@@ -68,7 +63,7 @@ def broken(doc: Path, target: str) -> str | None:
     path, _, fragment = target.partition("#")
     dest = (doc.parent / unquote(path)).resolve() if path else doc
     if not dest.exists():
-        return None if dest in PENDING else f"{target}: no such file {dest.relative_to(REPO)}"
+        return f"{target}: no such file {dest.relative_to(REPO)}"
     if fragment and dest.suffix == ".md" and fragment not in anchors(dest):
         return f"{target}: {dest.relative_to(REPO)} has no heading #{fragment}"
     return None
@@ -93,7 +88,7 @@ def test_every_relative_link_reaches_a_file_and_heading(doc: Path):
 
 @pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda d: str(d.relative_to(REPO)))
 def test_every_repository_file_named_exists(doc: Path):
-    missing = sorted({p for p in named_paths(doc) if not (REPO / p).exists() and REPO / p not in PENDING})
+    missing = sorted({p for p in named_paths(doc) if not (REPO / p).exists()})
     assert not missing, f"{doc.relative_to(REPO)} names files the repository does not have (moved?): {missing}"
 
 
