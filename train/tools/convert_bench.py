@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         # In a child: its 1.6 GB would otherwise count in every later child's ru_maxrss (fork copies it).
-        made = subprocess.run([sys.executable, "-m", "train.convert_bench", "--make", str(root)], cwd=REPO_ROOT,
+        made = subprocess.run([sys.executable, "-m", "train.tools.convert_bench", "--make", str(root)], cwd=REPO_ROOT,
                               env=env, capture_output=True, text=True, timeout=1800, check=True)
         n = int(made.stdout.strip().splitlines()[-1])
         ckpt = root / "checkpoints" / "step_00000001"
