@@ -1,4 +1,4 @@
-# Images and the one-machine compose stack (README.md, "Workstation"). Included by the Makefile;
+# Images and the one-machine compose stack (docs/workstation.md). Included by the Makefile;
 # `make -f docker/docker.mk TARGET` works on its own too.
 #   make docker-image-cuda      build TRAINER_IMAGE:TRAINER_TAG-cuda (DeepSpeed ops pre-compiled)
 #   make compose-up             train on every GPU of this machine, TensorBoard on :6006

@@ -50,7 +50,7 @@ k8s-storage: _k8s-storage-kind $(STAMP) ## Create the runs' shared claim once pe
 # Checked before anything is installed or contacted: a missing choice is one line.
 _k8s-storage-kind:
 	@test -n "$(STORAGE)" -a -d "$(K8S_DIR)/storage/$(STORAGE)" || { \
-	  echo "error: STORAGE='$(STORAGE)': pick the storage kind of this cluster, one of: $(K8S_STORAGE) (README, \"Storage\")" >&2; exit 2; }
+	  echo "error: STORAGE='$(STORAGE)': pick the storage kind of this cluster, one of: $(K8S_STORAGE) (docs/kubernetes.md, \"Storage\")" >&2; exit 2; }
 
 # The PriorityClass of components/priority: cluster-scoped, so applied once and on its own.
 k8s-priority: $(STAMP) ## Create the PriorityClass trainer-training once per cluster (cluster rights; for components/priority)

@@ -198,7 +198,7 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-if __name__ == "__main__":  # python -m train.bench.data: the section alone, printed
+if __name__ == "__main__":  # python -m train.tools.bench.data: the section alone, printed
     import sys
     import tempfile
 
