@@ -21,7 +21,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tracked")
     env = {"WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": "", "WANDB_DIR": "", "WANDB_API_KEY": ""}
     train(out, env=env, TRACKERS="tensorboard,mlflow,wandb", MAX_STEPS=STEPS, CHECKPOINT_EVERY=0,
-          **{"checkpoint.export": "false", "TRACKERS": "tensorboard"})
+          **{"checkpoint.export": "false"})
     return out
 
 
