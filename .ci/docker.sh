@@ -24,7 +24,7 @@ install_tools() {
 # from docker/wheels/ instead of PyTorch's index (which CI cannot reach).
 torch_wheel() {
   local ver d
-  ver=$(sed -n 's/^torch==//p' constraints.txt)
+  ver=$(python3 -m train info pin torch)  # the package reads the pin (standard library only)
   for d in ${PIP_FIND_LINKS:-} /opt/wheels; do
     compgen -G "$d/torch-$ver+cpu-*.whl" | head -1 && return 0
   done

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers.jobs import REPO
 
 VENV_BIN = Path(sys.executable).parent
 
 
 # -- versions and tools -----------------------------------------------------------------------
 def constraint(pkg: str) -> str:
-    m = re.search(rf"^{re.escape(pkg)}==(\S+)$", (REPO / "constraints.txt").read_text(), re.M)
-    assert m, f"{pkg} is not pinned in constraints.txt"
-    return m.group(1)
+    """The pinned version, as the package reads it (`python -m train info pin PKG`)."""
+    from train.config import ConfigError
+    from train.tools.info import pin
+
+    try:
+        return pin(pkg)
+    except ConfigError as e:
+        raise AssertionError(str(e)) from None
 
 
 

@@ -210,12 +210,10 @@ def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = N
             _set(cfg, dotted, env[name], f"{where} {name}")
     for k, v in overrides.items():
         _set(cfg, k, v, "command line")
-    for k in sorted(from_dotenv - set(ENV_VARS) - {CONFIG_ENV}):
-        # .env also carries other variables (HF_TOKEN, NCCL_*), so an unknown name is no error;
-        # one close to a setting's name is most likely a typo that would silently do nothing.
-        close = difflib.get_close_matches(k, [*ENV_VARS, CONFIG_ENV], n=1, cutoff=0.85)
-        if close:
-            cfg.notes.append(f".env sets {k}, which is no setting (did you mean {close[0]}?); it is ignored")
+    # .env also carries other variables (HF_TOKEN, NCCL_*), so an unknown name is no error;
+    # one close to a setting's name is most likely a typo that would silently do nothing.
+    for k, close in _misspelt_settings(from_dotenv):
+        cfg.notes.append(f".env sets {k}, which is no setting (did you mean {close}?); it is ignored")
     if not cfg.output_dir:
         cfg.output_dir = default_output_dir(cfg, p, tree)
         cfg.sources["output_dir"] = "derived from the run file and strategy"
@@ -232,12 +230,20 @@ def load_config(args: list[str] | None = None, env: Mapping[str, str] | None = N
 ENV_MAKE_VARIABLES = "TRAIN_MAKE_VARIABLES"
 
 
-def _refuse_misspelt_make_variables(env: Mapping[str, str]) -> None:
-    for name in sorted(set(env.get(ENV_MAKE_VARIABLES, "").split()) - set(ENV_VARS) - {CONFIG_ENV}):
+def _misspelt_settings(names) -> list[tuple[str, str]]:
+    """(name, the setting it is close to) for each name that is no setting but nearly one."""
+    out = []
+    for name in sorted(set(names) - set(ENV_VARS) - {CONFIG_ENV}):
         close = difflib.get_close_matches(name, [*ENV_VARS, CONFIG_ENV], n=1, cutoff=0.85)
         if close:
-            raise ConfigError(f"make variable {name}={env.get(name, '')!r} is no setting; did you mean {close[0]}? "
-                              "(`make help` lists the settings)")
+            out.append((name, close[0]))
+    return out
+
+
+def _refuse_misspelt_make_variables(env: Mapping[str, str]) -> None:
+    for name, close in _misspelt_settings(env.get(ENV_MAKE_VARIABLES, "").split()):
+        raise ConfigError(f"make variable {name}={env.get(name, '')!r} is no setting; did you mean {close}? "
+                          "(`make help` lists the settings)")
 
 
 def default_output_dir(cfg: RunConfig, run_file: Path, tree: Mapping[str, Any]) -> str:
