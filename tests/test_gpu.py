@@ -266,3 +266,22 @@ def test_fsdp2_pretrained_on_two_gpus_reads_on_rank0_and_trains(tmp_path, record
         curves[nproc] = losses(out)
     assert curves["2"] == pytest.approx(curves["1"], rel=1e-3), curves
     record("FSDP2 pretrained, rank-0 read, 2 GPUs", passed=True, losses=curves["2"])
+
+
+def test_the_launcher_holds_no_cuda_context_while_its_workers_train(tmp_path, record):
+    """Issue 25, item 6: bf16's question and the preflight's GPU checks ran in children that
+    exited, so the driver lists the worker as a GPU process and never the launcher (the
+    supervisor): no ~0.5 GB per GPU held for the run, and EXCLUSIVE_PROCESS GPUs stay usable."""
+    job = start(tmp_path, env={"TRAIN_FAILPOINTS": "step_sleep=0.5"}, **{**GPU, "PRECISION": "bf16", "MAX_STEPS": "40"})
+    try:
+        wait_for_step(tmp_path, 2, job)
+        apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.split()
+        pids = {int(x) for x in apps if x.isdigit()}
+    finally:
+        kill_tree(job)
+        job.wait(timeout=60)
+    if not pids:
+        pytest.skip("nvidia-smi lists no compute processes here (another PID namespace)")
+    assert job.pid not in pids, f"the launcher (pid {job.pid}) holds a CUDA context: {pids}"
+    record("launcher without a CUDA context", passed=True, gpu_processes=len(pids))

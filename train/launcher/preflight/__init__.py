@@ -60,6 +60,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from train.config import RunConfig, exitcodes
+from train.launcher import cuda_child
 from train.launcher.preflight import devices, network, resources, storage
 from train.launcher.preflight.group import Group, Lost, connect
 from train.launcher.preflight.network import (allreduce_bandwidth, link_checks, nccl_transport,
@@ -117,7 +118,26 @@ def conclude(report: Report, cfg: RunConfig, spec) -> None:
 
 def check_job(cfg: RunConfig, spec, nproc: int, device: str) -> Report:
     """Every check on this node, then (NNODES > 1) the cross-node ones; never exits by itself,
-    except with MASTER_UNREACHABLE when node 0's preflight port never answers."""
+    except with MASTER_UNREACHABLE when node 0's preflight port never answers.
+
+    On CUDA all of it runs in a child process that exits (train/launcher/cuda_child.py): the
+    matmul check, bf16 support and the NCCL group would otherwise leave a CUDA context on every
+    GPU in this process, which goes on to supervise the whole run."""
+    if device != "cuda":
+        return _check_job(cfg, spec, nproc, device)
+    start = time.monotonic()
+    try:
+        return cuda_child.call(_check_job, cfg, spec, nproc, device)
+    except cuda_child.ChildFailed as e:
+        report = Report(spec.nnodes, nproc, device, "nccl", preflight_port(cfg, spec) if spec.nnodes > 1 else None)
+        report.checks = [Check("gpu checks", f"their process failed: {e}", "completes", FAIL,
+                               "the GPU or its driver is broken: check `nvidia-smi` and the kernel log for Xid "
+                               "errors, or drain the node", node=spec.node_rank, host=socket.gethostname())]
+        report.elapsed_s = time.monotonic() - start
+        return report
+
+
+def _check_job(cfg: RunConfig, spec, nproc: int, device: str) -> Report:
     start = time.monotonic()
     host = socket.gethostname()
     backend = "nccl" if device == "cuda" else "gloo"
