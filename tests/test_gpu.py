@@ -285,3 +285,25 @@ def test_the_launcher_holds_no_cuda_context_while_its_workers_train(tmp_path, re
         pytest.skip("nvidia-smi lists no compute processes here (another PID namespace)")
     assert job.pid not in pids, f"the launcher (pid {job.pid}) holds a CUDA context: {pids}"
     record("launcher without a CUDA context", passed=True, gpu_processes=len(pids))
+
+
+def test_waiting_on_cuda_is_timed_on_the_gpu_not_the_host(record):
+    """Issue 25, item 9: on NCCL a collective returns once enqueued, so host time around it is
+    ~0 and a straggler's peers would look busy. StepTimer.waiting times the stream instead:
+    work enqueued inside it (here matmuls standing in for a collective) counts in full."""
+    from time import perf_counter
+
+    from train.worker.metrics import StepTimer
+
+    dev = torch.device("cuda", 0)
+    x = torch.randn(8192, 8192, device=dev)
+    torch.cuda.synchronize(dev)
+    timer = StepTimer(dev)
+    t0 = perf_counter()
+    with timer.waiting():
+        for _ in range(20):
+            x @ x
+    host = perf_counter() - t0
+    lap = timer.lap()
+    assert lap.waited > 5 * host and lap.waited <= lap.wall * 1.05, (lap, host)
+    record("waiting timed with CUDA events", passed=True, waited_s=round(lap.waited, 4), host_s=round(host, 4))
