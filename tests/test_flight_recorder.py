@@ -65,3 +65,15 @@ def test_the_recorder_is_on_for_nccl_workers_and_off_for_gloo(tmp_path, monkeypa
     assert env["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "hangs" / "nccl_trace_rank_")
     monkeypatch.setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "50")  # the user's own value wins
     assert flight_recorder.worker_env("cuda", tmp_path / "hangs", tmp_path)["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "50"
+
+
+@pytest.mark.slow
+def test_a_member_that_left_no_dump_is_named_when_the_others_wait(hang_dir, tmp_path):
+    """A stopped rank cannot answer the dump request: only the others' dumps exist."""
+    dumps = flight_recorder.read(sorted((hang_dir / "hangs").glob("*")))
+    del dumps[1]
+    dumps[0]["pg_config"] = {"0": {"ranks": "[0, 1, 2]"}}  # NCCL's dumps name the group's members
+    for r in (0, 2):  # both entered #4 and saw #3 complete
+        dumps[r]["pg_status"] = {"0": {"last_completed_collective": 3}}
+    (line,) = flight_recorder.verdict(dumps)
+    assert line.startswith("rank 1 of the default group left no flight-recorder dump while ranks 0, 2"), line

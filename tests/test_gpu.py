@@ -13,7 +13,10 @@ the module is sized to finish in about 8 minutes (not yet measured: it has not r
 - with 2+ GPUs: 2-process NCCL runs whose fp32 (TF32 off) losses agree across strategies, and
   FSDP2 from a pretrained model read on rank 0 only;
 - a profile of two steps with CUDA kernels and a memory snapshot, the out-of-memory snapshot and
-  exit 10, and `verify` of a CUDA checkpoint (issue 30).
+  exit 10, and `verify` of a CUDA checkpoint (issue 30);
+- the launcher holds no CUDA context while its workers train (nvidia-smi's compute processes),
+  and waits are timed with CUDA events on the stream (issue 25, items 6 and 9);
+- with 2+ GPUs: a hang's verdict from NCCL's flight recorder (rank 1 asleep in data loading).
 (tests/test_precision.py's fp16 overflow test also runs on CUDA under `make test-gpu`.)
 
 Results go to bench-results/gpu-check_<gpu>_<date>.json and .md: one record per check.
@@ -307,3 +310,24 @@ def test_waiting_on_cuda_is_timed_on_the_gpu_not_the_host(record):
     lap = timer.lap()
     assert lap.waited > 5 * host and lap.waited <= lap.wall * 1.05, (lap, host)
     record("waiting timed with CUDA events", passed=True, waited_s=round(lap.waited, 4), host_s=round(host, 4))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpu_hang_verdict_comes_from_the_flight_recorder(tmp_path, record):
+    """Issue 25, item 9: rank 1 sleeps in data loading; rank 0 has enqueued the step's first
+    collective and waits on the GPU, its stacks in no collective. The supervisor asks both ranks
+    for NCCL flight-recorder dumps, and the verdict names rank 1 from them."""
+    from helpers import output
+
+    from train.config.exitcodes import HANG
+
+    settings = {**GPU, "NPROC": "2", "STRATEGY": "ddp", "MAX_STEPS": "10", "CHECKPOINT_EVERY": "0",
+                "HANG_TIMEOUT": "20", "DIST_TIMEOUT": "300"}
+    job = start(tmp_path, env={"TRAIN_FAILPOINTS": "data_sleep=1@5:600"}, **settings)
+    job.wait(timeout=600)
+    out = output(job)
+    assert job.returncode == HANG, out[-3000:]
+    assert sorted(p.name for p in (tmp_path / "hangs").glob("*/nccl_trace_rank_*")) == \
+        ["nccl_trace_rank_0", "nccl_trace_rank_1"], out[-3000:]
+    assert "verdict (flight recorder): rank 1 never entered collective" in out, out[-3000:]
+    record("2-GPU hang verdict from the flight recorder", passed=True)

@@ -135,7 +135,12 @@ def verdict(dumps: dict[int, dict]) -> list[str]:
                          f"{_ranks(sorted(r for r in last if last[r] == ahead))} entered" + (f"; {was}" if was else ""))
             continue
         stuck = [r for r in sorted(ranks) if ranks[r]["completed"] is not None and ranks[r]["completed"] < ahead]
-        if stuck:
+        silent = [r for r in members if r not in dumps]  # a stopped rank cannot answer the dump request
+        if stuck and silent:
+            lines.append(f"{_ranks(silent)} of {group} left no flight-recorder dump while {_ranks(stuck)} wait(s) "
+                         f"in collective #{ahead} ({_op(lead)}): {_ranks(silent)} is the likely one holding them up "
+                         "(stopped or dead; its stacks say which)")
+        elif stuck:
             lines.append(f"every rank of {group} entered collective #{ahead} ({_op(lead)}) and {_ranks(stuck)} never "
                          "saw it complete: a rank outside these dumps, or the network, holds it up")
     return lines
