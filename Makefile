@@ -38,6 +38,23 @@ TORCH_INDEX ?= $(shell cd $(HERE) && $(PYTHON) -m train info torch-index)
 # while the rest installs around it, and a torch outside the supported range is refused in one line.
 TORCH ?=
 SYSTEM_TORCH = $(filter system,$(TORCH))
+# TORCH_VERSION=2.11.0: install that torch instead of the pinned one (the venv's constraints say
+# so); `make test-torch-floor` uses it for the oldest supported (`python -m train info torch-floor`).
+TORCH_VERSION ?=
+# WHEELS=dir: install offline from a wheel directory that `make wheels WHEELS=dir` filled on a
+# connected machine; pip then reads nothing else (--no-index), so no index or mirror is needed.
+WHEELS ?=
+OFFLINE = $(if $(WHEELS),--no-index --find-links $(abspath $(WHEELS)))
+# The constraints a venv or a wheel directory is made with, for another torch than the pinned one
+# (TORCH_VERSION, TORCH=system): its version, and no setuptools pin (torch 2.11 requires <82; the
+# pinned one is newer), so that torch's own requirement chooses.
+OTHER_TORCH = sed -e "s/^torch==.*/torch==$(1)/" -e "/^setuptools==/d" constraints.txt
+TORCH_PIN = $(if $(TORCH_VERSION),$(call OTHER_TORCH,$(TORCH_VERSION)),cat constraints.txt)
+FLOOR_DIR ?= build/torch-floor
+# Said before anything is made (the venv `wheels` needs would be built first otherwise).
+$(if $(filter wheels,$(MAKECMDGOALS)),$(if $(WHEELS),,$(error make wheels: set WHEELS=dir, the directory to fill (then: make venv WHEELS=dir))))
+# The oldest supported torch as a full version (the floor's first release): 2.11 -> 2.11.0.
+FLOOR_TORCH ?= $(shell cd $(HERE) && $(PYTHON) -m train info torch-floor).0
 PYTEST_ARGS ?=
 # Extra `section.key=value` overrides for train, e.g. ARGS='optim.lr=1e-3 train.eval_every=0'
 ARGS ?=
@@ -49,25 +66,26 @@ $(STAMP): constraints.txt pyproject.toml
 	@$(PYTHON) -c "import os, sys, sysconfig; h = os.path.join(sysconfig.get_paths()['include'], 'Python.h'); sys.exit(0 if os.path.isfile(h) else 'make venv: the Python headers are missing (' + h + '): apt-get install python3-dev')"
 	@# A driver too old for any CUDA build of torch: its one line here (make's $$(shell) would hide it).
 	@$(if $(filter-out system,$(TORCH)),echo "make venv: TORCH=$(TORCH): the one value is system (keep PYTHON's torch); leave TORCH unset to install the pinned one" >&2; exit 2)
-	@$(if $(SYSTEM_TORCH),cd $(HERE) && $(PYTHON) -m train info system-torch >/dev/null,$(if $(filter undefined file,$(origin TORCH_INDEX)),cd $(HERE) && $(PYTHON) -m train info torch-index >/dev/null))
+	@$(if $(WHEELS),test -d $(WHEELS) || { echo "make venv: WHEELS=$(WHEELS) is not a directory: fill it with make wheels WHEELS=$(WHEELS) on a connected machine" >&2; exit 2; })
+	@$(if $(SYSTEM_TORCH),cd $(HERE) && $(PYTHON) -m train info system-torch >/dev/null,$(if $(WHEELS),,$(if $(filter undefined file,$(origin TORCH_INDEX)),cd $(HERE) && $(PYTHON) -m train info torch-index >/dev/null)))
 	$(PYTHON) -m venv $(if $(SYSTEM_TORCH),--system-site-packages )$(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade "pip>=24"
+	$(VENV)/bin/pip install --quiet $(OFFLINE) --upgrade "pip>=24"
 ifeq ($(TORCH),system)
 	# torch: PYTHON's own (TORCH=system), held at its version while the rest installs
-	sed "s/^torch==.*/torch==$$(cd $(HERE) && $(PYTHON) -m train info system-torch)/" constraints.txt > $(VENV)/constraints.txt
+	$(call OTHER_TORCH,$$(cd $(HERE) && $(PYTHON) -m train info system-torch)) > $(VENV)/constraints.txt
 else
-	# torch first, pinned, from the build chosen above (TORCH_INDEX): $(if $(TORCH_INDEX),$(TORCH_INDEX),pip's configuration)
-	$(VENV)/bin/pip install --quiet -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch
-	cp constraints.txt $(VENV)/constraints.txt
+	# torch first, pinned, from $(if $(WHEELS),the wheel directory $(WHEELS),the build chosen above (TORCH_INDEX): $(if $(TORCH_INDEX),$(TORCH_INDEX),pip's configuration))
+	$(TORCH_PIN) > $(VENV)/constraints.txt
+	$(VENV)/bin/pip install --quiet -c $(VENV)/constraints.txt $(or $(OFFLINE),$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))) torch
 endif
-	$(VENV)/bin/pip install --quiet -c $(VENV)/constraints.txt -e '.[dev]'
+	$(VENV)/bin/pip install --quiet $(OFFLINE) -c $(VENV)/constraints.txt -e '.[dev]'
 	# DeepSpeed's setup imports torch, so it cannot build in an isolated environment.
-	DS_BUILD_OPS=0 $(VENV)/bin/pip install --quiet --no-build-isolation -c $(VENV)/constraints.txt deepspeed
+	DS_BUILD_OPS=0 $(VENV)/bin/pip install --quiet $(OFFLINE) --no-build-isolation -c $(VENV)/constraints.txt deepspeed
 	# The venv's bin first: torch's JIT finds the venv's ninja on PATH (not a system one, or none).
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m train warm
 	touch $@
 
-.PHONY: help venv train prepare doctor test test-fast test-gpu lint env config keys plan bench strategies clean
+.PHONY: help venv wheels train prepare doctor test test-fast test-gpu test-torch-floor lint env config keys plan bench strategies clean
 
 help: ## Show targets and run settings
 	@echo "Usage: make TARGET [NAME=value ...]   e.g. make train STRATEGY=zero2 NPROC=2 MAX_STEPS=50"
@@ -79,6 +97,19 @@ help: ## Show targets and run settings
 	@echo "Every config key: make keys"
 
 venv: $(STAMP) ## Create the virtualenv with pinned dependencies (other targets do it on first use)
+
+wheels: $(STAMP) ## On a connected machine: every pinned package as a wheel into WHEELS=dir (sdists built), for `make venv WHEELS=dir` offline
+	mkdir -p $(WHEELS)
+	$(TORCH_PIN) > $(WHEELS)/constraints.txt
+	# What pip needs to build: itself, and the setuptools that builds this checkout (pyproject.toml).
+	$(PY) -m pip download --quiet -d $(WHEELS) -c $(WHEELS)/constraints.txt "pip>=24" setuptools wheel
+	# Every dependency of this checkout as a wheel (PyPI's or built here from an sdist), torch included.
+	$(PY) -m pip wheel --quiet -w $(WHEELS) -c $(WHEELS)/constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch '.[dev]'
+	# DeepSpeed builds against the venv's torch (its setup imports torch); with DS_BUILD_OPS=0 the
+	# wheel holds no compiled op, so it installs beside any supported torch.
+	DS_BUILD_OPS=0 $(PY) -m pip wheel --quiet --no-build-isolation -w $(WHEELS) -c $(WHEELS)/constraints.txt deepspeed
+	rm -f $(WHEELS)/train-*.whl  # the checkout installs itself (pip install -e .)
+	@echo "make wheels: $$(ls $(WHEELS)/*.whl | wc -l) wheels in $(WHEELS) for Python $$($(PY) -c 'import sys; print(*sys.version_info[:2], sep=".")'); offline: make venv WHEELS=$(WHEELS)"
 
 train: $(STAMP) ## Train (default: tiny Llama on the built-in corpus, DDP, 2 processes, offline)
 	$(TRAIN) launch $(ARGS)
@@ -99,6 +130,17 @@ test-fast: lint ## Lint, then only the tests that start no training job
 test-gpu: $(STAMP) ## On NVIDIA GPUs: every strategy in bf16/fp16, fp16 skips, ~1B throughput; results in bench-results/
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu needs a CUDA GPU; torch ' + torch.__version__ + ' sees none')"
 	$(PY) -m pytest -m gpu -p no:cacheprovider -rs --durations=15 tests/test_gpu.py tests/test_precision.py $(PYTEST_ARGS)
+
+test-torch-floor: $(STAMP) ## The oldest supported torch (info torch-floor): installed offline from a wheel dir, then strategy agreement and kill-resume on it
+	$(MAKE) wheels WHEELS=$(FLOOR_DIR)/wheels TORCH_VERSION=$(FLOOR_TORCH)
+	# Offline for real: no pip configuration, no find-links, an index that refuses every connection.
+	rm -rf $(FLOOR_DIR)/venv
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null PIP_INDEX_URL=http://127.0.0.1:9/ \
+	  $(MAKE) venv VENV=$(FLOOR_DIR)/venv WHEELS=$(FLOOR_DIR)/wheels TORCH_VERSION=$(FLOOR_TORCH) \
+	  TORCH_EXTENSIONS_DIR=$(abspath $(FLOOR_DIR))/venv/torch_extensions
+	$(FLOOR_DIR)/venv/bin/python -c "import torch; v = torch.__version__; assert v.startswith('$(FLOOR_TORCH)'), v; print('torch', v)"
+	TORCH_EXTENSIONS_DIR=$(abspath $(FLOOR_DIR))/venv/torch_extensions $(FLOOR_DIR)/venv/bin/python -m pytest \
+	  -p no:cacheprovider tests/test_strategies.py -k "fp32_losses_match_ddp or kill_9_then_resume" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff on train/ and tests/ (rules in pyproject.toml)
 	$(VENV)/bin/ruff check $(HERE)train $(HERE)tests

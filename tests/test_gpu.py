@@ -19,7 +19,10 @@ the module is sized to finish in about 10 minutes (not yet measured: it has not 
   prediction against torch.cuda.max_memory_allocated for a ~1B Llama under ddp and fsdp;
 - with 2+ GPUs also: zero2/zero3/fsdp and both offload strategies in bf16 and fp16 across ranks;
   fp16 overflow skips agreed across ranks (2 ranks skip exactly the steps 1 rank skips); a rank
-  stopped mid-run found, dumped and named over NCCL.
+  stopped mid-run found, dumped and named over NCCL;
+- the launcher holds no CUDA context while its workers train (nvidia-smi's compute processes),
+  and waits are timed with CUDA events on the stream (issue 25, items 6 and 9);
+- with 2+ GPUs: a hang's verdict from NCCL's flight recorder (rank 1 asleep in data loading).
 (tests/test_precision.py's fp16 overflow test also runs on CUDA under `make test-gpu`.)
 
 Results go to bench-results/gpu-check_<gpu>_<date>.json and .md: one record per check.
@@ -390,3 +393,63 @@ def test_two_gpus_a_stopped_rank_is_named_over_nccl(tmp_path, record):
     verdict = next((line for line in out.splitlines() if "rank 1 (node 0, host" in line), "")
     record("2 GPUs: hang forensics over NCCL", passed=True, verdict=verdict[:300])
     assert not wait_until_gone(tmp_path, 10)
+def test_the_launcher_holds_no_cuda_context_while_its_workers_train(tmp_path, record):
+    """Issue 25, item 6: bf16's question and the preflight's GPU checks ran in children that
+    exited, so the driver lists the worker as a GPU process and never the launcher (the
+    supervisor): no ~0.5 GB per GPU held for the run, and EXCLUSIVE_PROCESS GPUs stay usable."""
+    job = start(tmp_path, env={"TRAIN_FAILPOINTS": "step_sleep=0.5"}, **{**GPU, "PRECISION": "bf16", "MAX_STEPS": "40"})
+    try:
+        wait_for_step(tmp_path, 2, job)
+        apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.split()
+        pids = {int(x) for x in apps if x.isdigit()}
+    finally:
+        kill_tree(job)
+        job.wait(timeout=60)
+    if not pids:
+        pytest.skip("nvidia-smi lists no compute processes here (another PID namespace)")
+    assert job.pid not in pids, f"the launcher (pid {job.pid}) holds a CUDA context: {pids}"
+    record("launcher without a CUDA context", passed=True, gpu_processes=len(pids))
+
+
+def test_waiting_on_cuda_is_timed_on_the_gpu_not_the_host(record):
+    """Issue 25, item 9: on NCCL a collective returns once enqueued, so host time around it is
+    ~0 and a straggler's peers would look busy. StepTimer.waiting times the stream instead:
+    work enqueued inside it (here matmuls standing in for a collective) counts in full."""
+    from time import perf_counter
+
+    from train.worker.metrics import StepTimer
+
+    dev = torch.device("cuda", 0)
+    x = torch.randn(8192, 8192, device=dev)
+    torch.cuda.synchronize(dev)
+    timer = StepTimer(dev)
+    t0 = perf_counter()
+    with timer.waiting():
+        for _ in range(20):
+            x @ x
+    host = perf_counter() - t0
+    lap = timer.lap()
+    assert lap.waited > 5 * host and lap.waited <= lap.wall * 1.05, (lap, host)
+    record("waiting timed with CUDA events", passed=True, waited_s=round(lap.waited, 4), host_s=round(host, 4))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpu_hang_verdict_comes_from_the_flight_recorder(tmp_path, record):
+    """Issue 25, item 9: rank 1 sleeps in data loading; rank 0 has enqueued the step's first
+    collective and waits on the GPU, its stacks in no collective. The supervisor asks both ranks
+    for NCCL flight-recorder dumps, and the verdict names rank 1 from them."""
+    from helpers import output
+
+    from train.config.exitcodes import HANG
+
+    settings = {**GPU, "NPROC": "2", "STRATEGY": "ddp", "MAX_STEPS": "10", "CHECKPOINT_EVERY": "0",
+                "HANG_TIMEOUT": "20", "DIST_TIMEOUT": "300"}
+    job = start(tmp_path, env={"TRAIN_FAILPOINTS": "data_sleep=1@5:600"}, **settings)
+    job.wait(timeout=600)
+    out = output(job)
+    assert job.returncode == HANG, out[-3000:]
+    assert sorted(p.name for p in (tmp_path / "hangs").glob("*/nccl_trace_rank_*")) == \
+        ["nccl_trace_rank_0", "nccl_trace_rank_1"], out[-3000:]
+    assert "verdict (flight recorder): rank 1 never entered collective" in out, out[-3000:]
+    record("2-GPU hang verdict from the flight recorder", passed=True)

@@ -371,7 +371,7 @@ def test_torch_system_refuses_a_torch_outside_the_supported_range_in_one_line(tm
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and p.stdout == ""
     (line,) = p.stderr.splitlines()
-    assert "torch 2.4.0" in line and "supported: 2.13.x" in line
+    assert "torch 2.4.0" in line and "supported: 2.11 to 2.13.x" in line
     ok = subprocess.run([sys.executable, "-m", "train", "info", "system-torch"], cwd=REPO, capture_output=True,
                         text=True, timeout=60)
     assert ok.returncode == 0 and ok.stdout.strip().startswith("2.13.")

@@ -1,4 +1,4 @@
-"""Preflight (train/launcher/preflight.py): every launch finds the bad node, link or volume before
+"""Preflight (train/launcher/preflight/): every launch finds the bad node, link or volume before
 training starts, and names it.
 
 Real processes throughout: machines are network namespaces on a bridge (tests/helpers/), a

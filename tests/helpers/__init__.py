@@ -8,7 +8,8 @@ every public name of them.
 - ``docker``: the Dockerfile and compose readers.
 - ``versions``: pins and the dev extra's tools.
 - ``artifacts``: a small pretrained model, W&B offline runs.
-- ``gpu``: a fake `nvidia-smi`, fp16 loss scaling in one process.
+- ``gpu``: a fake `nvidia-smi`, a fake CUDA that logs who creates a context, fp16 loss scaling in one process.
+- ``flight``: real flight-recorder dumps from gloo ranks (the format of NCCL's hang dumps).
 - ``slurm``: a real slurmctld and two slurmd on this host (SlurmCluster).
 - ``data``: generated corpora, `python -m train prepare` (write_docs, prepare_cli, dir_bytes).
 """
@@ -16,6 +17,7 @@ every public name of them.
 from helpers.artifacts import *  # noqa: F403
 from helpers.data import *  # noqa: F403
 from helpers.docker import *  # noqa: F403
+from helpers.flight import *  # noqa: F403
 from helpers.gpu import *  # noqa: F403
 from helpers.jobs import *  # noqa: F403 - first: sets HF_HUB_OFFLINE before anything imports huggingface_hub
 from helpers.k8s import *  # noqa: F403

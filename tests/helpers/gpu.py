@@ -59,3 +59,39 @@ def one_step(acc, model, opt, sched, inject_inf: bool) -> bool:
         sched.step()
     opt.zero_grad(set_to_none=True)
     return skipped
+
+
+FAKE_CUDA = '''\
+# Written by tests/helpers/gpu.py:fake_cuda. Every CUDA use passes torch.cuda._lazy_init first,
+# from Python or from C++ (torch::utils::device_lazy_init calls it): the moment a real process
+# would create its CUDA context is the moment this one writes its pid down (and fails).
+import os
+
+import torch
+
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: {gpus}
+
+
+def _lazy_init():
+    with open({log!r}, "a") as f:
+        f.write(f"{{os.getpid()}}\\n")
+    raise RuntimeError("fake CUDA: this process would have created a CUDA context here")
+
+
+torch.cuda._lazy_init = _lazy_init
+'''
+
+
+def fake_cuda(site_dir: Path, log: Path, gpus: int = 1) -> dict:
+    """Environment under which every Python process believes it has ``gpus`` CUDA GPUs until it
+    uses one: a ``sitecustomize`` on PYTHONPATH. Creating a CUDA context appends the process's
+    pid to ``log`` and raises. Returns the variables to add to a job's environment."""
+    site_dir.mkdir(parents=True, exist_ok=True)
+    (site_dir / "sitecustomize.py").write_text(FAKE_CUDA.format(gpus=gpus, log=str(log)))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(site_dir), os.environ.get("PYTHONPATH")]))}
+
+
+def cuda_pids(log: Path) -> set[int]:
+    """The pids that created a (fake) CUDA context, from ``fake_cuda``'s log."""
+    return {int(x) for x in log.read_text().split()} if log.exists() else set()

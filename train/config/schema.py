@@ -62,13 +62,13 @@ class LaunchConfig:
     max_restarts: int = setting(3, "times torchrun restarts the workers after a crash (multi-process runs); they resume from the newest checkpoint", env="MAX_RESTARTS", ge=0)
     hang_timeout_s: float = setting(0.0, "no rank finished a step for this long: dump stacks, exit 4; 0 = max(60 s, 10 median steps)", env="HANG_TIMEOUT", ge=0)
     preflight: Literal["auto", "off", "only"] = setting(
-        "auto", "auto | off | only: check every node, link and volume before training (train/launcher/preflight.py), "
+        "auto", "auto | off | only: check every node, link and volume before training (train/launcher/preflight/), "
         "skip that, or check and exit", env="PREFLIGHT")
 
 
 @dataclass
 class PreflightConfig:
-    """Thresholds of the preflight checks (train/launcher/preflight.py); launch.preflight turns them on."""
+    """Thresholds of the preflight checks (train/launcher/preflight/); launch.preflight turns them on."""
 
     port: int = setting(0, "TCP port on node 0 for the preflight's short process group; 0 = MASTER_PORT + 1")
     shm_mb_per_gpu: int = setting(512, "free /dev/shm needed per GPU process (NCCL, DataLoader workers)", ge=0)

@@ -1,5 +1,7 @@
 """Which rank is the odd one out: the newest hang dump (``hang.dump``), merged across nodes, read
 into a table and a verdict. Printed by node 0's supervisor, and by ``python -m train hang-report``.
+On NCCL the flight recorder's dumps in the same folders decide (flight_recorder.py): the stacks of
+ranks that wait for a collective enqueued asynchronously name no collective.
 """
 
 from __future__ import annotations
@@ -7,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from train.launcher import flight_recorder
 from train.launcher.hang import HANGS, STACKS, newest_dump
 
 PHASE_WORDS = {"setup": "setup", "data": "data loading", "forward": "forward/backward", "optimizer": "the optimizer step",
@@ -108,9 +111,18 @@ def report(output_dir: str) -> str:
     if not files:
         return f"no hang dumps under {Path(output_dir) / HANGS}"
     rows = [_parse(f) for f in files]
+    # NCCL's own record of who entered which collective beats the stacks (see flight_recorder.py).
+    dumps = flight_recorder.read(sorted({f.parent for f in files}))
     table = [f"hang dump: {files[0].parent} ({len(files)} rank(s))",
              f"{'rank':>4} {'node':>4} {'host':<16} {'state':<5} {'step':>6} {'phase':<10} {'collective':<26} top frames"]
     for r in rows:
         table.append(f"{r['rank']:>4} {r['node']:>4} {str(r['host'])[:16]:<16} {r['process_state']:<5} "
                      f"{r['last_step']:>6} {r['phase']:<10} {r['collective'] or '-':<26} {' < '.join(r['top']) or '(no stacks)'}")
-    return "\n".join(table + ["verdict: " + verdict(rows)])
+    stacks = verdict(rows)
+    named = flight_recorder.verdict(dumps)
+    if not dumps:
+        return "\n".join(table + ["verdict: " + stacks])
+    table += [f"flight recorder: {len(dumps)} rank(s)", *flight_recorder.table(dumps)]
+    if not named:
+        return "\n".join(table + ["verdict: no collective is behind on any rank (flight recorder); " + stacks])
+    return "\n".join(table + ["verdict (flight recorder): " + "\n".join(named), "stacks: " + stacks])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from train.config import ConfigError, RunConfig, exitcodes, resolve_batch, selected_strategy
 from train.config.schema import profile_ranks
+from train.launcher import cuda_child
 
 
 def check_inputs(cfg: RunConfig, world_size: int, device: str) -> None:
@@ -41,10 +42,19 @@ def check_device(cfg: RunConfig, device: str) -> None:
     if cfg.train.precision == "fp16" and device == "cpu":
         raise ConfigError("PRECISION=fp16 needs a CUDA GPU (on CPU it would silently train in fp32); use bf16 or no")
     if cfg.train.precision == "bf16" and device == "cuda":
-        import torch
-
-        if not torch.cuda.is_bf16_supported():
+        # In a child: asking creates a CUDA context, which the launcher must not keep (cuda_child.py).
+        try:
+            supported = cuda_child.call(bf16_supported)
+        except cuda_child.ChildFailed:
+            return  # a GPU that cannot answer fails the preflight's GPU checks, named there
+        if not supported:
             raise ConfigError("PRECISION=bf16 is not supported by this GPU; use fp16 or no")
+
+
+def bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
 
 
 def check_async_save(cfg: RunConfig) -> None:

@@ -15,6 +15,7 @@ import os
 import sys
 
 from train.config import ConfigError, RunConfig, selected_strategy, strategy_name
+from train.config.torch_support import check_torch_floor
 from train.launcher.cpus import available_cpus
 from train.launcher.inputs import check_inputs
 from train.launcher.supervisor import supervise
@@ -96,6 +97,7 @@ def check_gpus_usable(requested_device: str) -> None:
 def launch(cfg: RunConfig, argv: list[str]) -> int:
     from train.launcher.nodes import LAUNCHER_SCRUB_VARS, resolve_nodes, wait_for_master
 
+    check_torch_floor("launch")
     check_gpus_usable(cfg.launch.device)
     device = resolve_device(cfg.launch.device)
     spec = resolve_nodes(cfg.launch, os.environ)

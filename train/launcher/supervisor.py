@@ -33,7 +33,7 @@ from pathlib import Path
 
 from train.config import RunConfig, exitcodes
 from train.config.exitcodes import CONFIG, FAILED, HANG, OK, PREEMPTED, REPEATED_FAILURE, describe
-from train.launcher import hang, hang_verdict
+from train.launcher import flight_recorder, hang, hang_verdict
 from train.progress import ENV_DIR, ENV_SUPERVISOR, PR_SET_PDEATHSIG, failure_of, read_attempts
 
 POLL_S = 0.5
@@ -66,8 +66,10 @@ class Supervisor:
         """Run the job to its end; returns (exit code, the line to print last, or "")."""
         directory = Path(tempfile.mkdtemp(prefix="train-progress-"))  # node-local, like the workers it describes
         env = {**self.env, ENV_DIR: str(directory), ENV_SUPERVISOR: str(os.getpid())}
+        hangs = Path(self.cfg.output_dir) / hang.HANGS
         if self.device == "cuda":
-            env.update(self._flight_recorder_env(directory))
+            hangs.mkdir(parents=True, exist_ok=True)
+        env.update(flight_recorder.worker_env(self.device, hangs, directory))  # NCCL only
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._forward)
         try:
@@ -80,17 +82,6 @@ class Supervisor:
         self.signalled = signum
         if self.agent is not None and self.agent.poll() is None:
             self.agent.send_signal(signum)  # torchrun stops the workers, which agree on a step and save
-
-    def _flight_recorder_env(self, directory: Path) -> dict[str, str]:
-        """NCCL's flight recorder: collectives' history per rank, dumped into the run directory
-        on a collective timeout, or on demand through a pipe (written by _dump_nccl)."""
-        hangs = Path(self.cfg.output_dir) / hang.HANGS
-        hangs.mkdir(parents=True, exist_ok=True)
-        prefix = str(hangs / "nccl_trace_rank_")
-        return {k: os.environ.get(k, v) for k, v in {
-            "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-            "TORCH_FR_DUMP_TEMP_FILE": prefix, "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix,
-            "TORCH_NCCL_DEBUG_INFO_PIPE_FILE": str(directory / "nccl_pipe_")}.items()}
 
     def _dump_nccl(self, directory: Path, ranks: list[int]) -> None:
         for r in ranks:
@@ -172,6 +163,7 @@ class Supervisor:
             self._dump_nccl(directory, [r["rank"] for r in records])
             time.sleep(2)  # let the flight recorder write
         folder = hang.dump(records, self.cfg.output_dir, self.node_rank, idle)
+        flight_recorder.collect(folder.parent, folder, [r["rank"] for r in records])
         # Kill only once every node has dumped (bounded): a node killing its workers early makes
         # the others' ranks fail out of the collective they were caught in before their dump.
         hang.wait_for_dumps(self.cfg.output_dir, self.world, REPORT_WAIT_S)

