@@ -145,7 +145,7 @@ COMMANDS: dict[str, Command] = {
     "export": Command(_export, "CKPT OUT: a Hugging Face model (safetensors, config, tokenizer) from any checkpoint"),
     "convert": Command(_convert, "CKPT OUT --to STRATEGY [--world-size N]: a checkpoint that resumes under STRATEGY"),
     "harness": Command(_harness, "--model EXPORT_OR_CKPT --tasks NAME_OR_YAML,...: lm-eval on a model export or a "
-                                 "checkpoint; results in harness.json beside the export (docs/evaluation.md)"),
+                                 "checkpoint; results in harness.json beside the export (docs/fine-tuning-and-tracking.md)"),
     "prepare": Command(_prepare, "--out DIR SOURCE... [key=value]: tokenize sources into token shards (docs/data.md)"),
 }
 

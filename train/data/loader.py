@@ -187,7 +187,10 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int, workers: int = 0, log=pr
         where = f"the last {cfg.eval_fraction:g} of the documents"
     named = {HELDOUT: evals}
     for name, source in eval_set_specs(cfg):  # prepared through the same cache as DATASET
-        c = open_source(source, cfg, tokenizer, f"data.eval_sets {name}", workers, log)
+        try:
+            c = open_source(source, cfg, tokenizer, f"data.eval_sets {name}", workers, log)
+        except ConfigError as e:  # say which eval set: the source's own message names only the path
+            raise ConfigError(f"eval set {name!r} (data.eval_sets): {e}") from None
         named[name] = TokenBlocks(c, 0, c.num_tokens, cfg.seq_len)
     described = (f"{len(train):,} training blocks of {cfg.seq_len} tokens from {sum(c.num_tokens for c in corpora):,} "
                  f"tokens; {len(evals):,} eval blocks from {where}"
