@@ -98,7 +98,7 @@ test-fast: lint ## Lint, then only the tests that start no training job
 
 test-gpu: $(STAMP) ## On NVIDIA GPUs: every strategy in bf16/fp16, fp16 skips, ~1B throughput; results in bench-results/
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu needs a CUDA GPU; torch ' + torch.__version__ + ' sees none')"
-	$(PY) -m pytest -m gpu -p no:cacheprovider -rs tests/test_gpu.py tests/test_precision.py $(PYTEST_ARGS)
+	$(PY) -m pytest -m gpu -p no:cacheprovider -rs --durations=15 tests/test_gpu.py tests/test_precision.py $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff on train/ and tests/ (rules in pyproject.toml)
 	$(VENV)/bin/ruff check $(HERE)train $(HERE)tests
