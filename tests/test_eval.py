@@ -102,6 +102,17 @@ def test_evaluation_draws_no_random_numbers_and_restores_training_mode(tiny_mode
     tiny_model.eval()
 
 
+def test_eval_sets_are_a_mapping_in_a_run_file_and_name_source_pairs_on_the_command_line(tmp_path):
+    from train.config import load_config
+    from train.config.schema import eval_set_specs
+
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text("data:\n  eval_sets:\n    stories: builtin:tiny-stories\n    web: /data/web.jsonl\n")
+    expected = [("stories", "builtin:tiny-stories"), ("web", "/data/web.jsonl")]
+    assert eval_set_specs(load_config([f"CONFIG={run_file}"]).data) == expected
+    assert eval_set_specs(load_config(["EVAL_SETS=stories=builtin:tiny-stories,web=/data/web.jsonl"]).data) == expected
+
+
 # -- bad input: one line, exit 2, before anything starts ------------------------------------------
 @pytest.mark.parametrize("settings,fragments", [
     ({"EVAL_SETS": "stories=/nonexistent/stories.jsonl"}, ("eval set 'stories'", "/nonexistent/stories.jsonl", "not found")),
