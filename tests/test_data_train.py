@@ -37,10 +37,10 @@ def test_training_reads_the_prepared_directory_and_logs_eval_rows_on_held_out_do
     out, proc = ddp_run
     assert "[data] preparing" not in proc.stdout  # a prepared directory is only opened
     assert "eval blocks from the last 0.05 of the documents" in proc.stdout
-    evals = [r for r in read_metrics(out, raw=True) if "eval_loss" in r]
+    evals = [r for r in read_metrics(out, raw=True) if "eval/heldout/loss" in r]
     assert [r["step"] for r in evals] == [4, 8]
-    assert all(math.isfinite(r["eval_loss"]) and r["eval_perplexity"] > 1 for r in evals)
-    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]  # it learns something that transfers
+    assert all(math.isfinite(r["eval/heldout/loss"]) and r["eval/heldout/ppl"] > 1 for r in evals)
+    assert evals[1]["eval/heldout/loss"] < evals[0]["eval/heldout/loss"]  # it learns something that transfers
 
 
 # ddp only: every strategy's kill -9 resume reads shards too (the built-in corpus is prepared into

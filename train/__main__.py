@@ -109,6 +109,12 @@ def _convert(argv: list[str]) -> None:
     convert_main("convert", argv)
 
 
+def _harness(argv: list[str]) -> None:
+    from train.tools.harness import main as harness_main
+
+    harness_main(argv)
+
+
 def _prepare(argv: list[str]) -> None:
     from train.data.prepare import main as prepare_main
 
@@ -138,6 +144,8 @@ COMMANDS: dict[str, Command] = {
     "hang-report": Command(_hang_report, "OUTPUT_DIR: which rank hung, where: the table and verdict of the newest hang dump"),
     "export": Command(_export, "CKPT OUT: a Hugging Face model (safetensors, config, tokenizer) from any checkpoint"),
     "convert": Command(_convert, "CKPT OUT --to STRATEGY [--world-size N]: a checkpoint that resumes under STRATEGY"),
+    "harness": Command(_harness, "--model EXPORT_OR_CKPT --tasks NAME_OR_YAML,...: lm-eval on a model export or a "
+                                 "checkpoint; results in harness.json beside the export (docs/fine-tuning-and-tracking.md)"),
     "prepare": Command(_prepare, "--out DIR SOURCE... [key=value]: tokenize sources into token shards (docs/data.md)"),
 }
 

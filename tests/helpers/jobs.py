@@ -26,7 +26,7 @@ LAUNCH_TIMEOUT = 420  # every launch has a bound: 2-process gloo runs can hang (
 
 # Small and fast: ~0.2M-parameter model, 32-token blocks, 2 ranks x 4 sequences.
 TINY = {"MODEL": "llama-debug", "SEQ_LEN": "32", "MICRO_BATCH": "4", "LOG_EVERY": "1",
-        "DEVICE": "cpu", "NPROC": "2", "train.eval_every": "0", "train.eval_batches": "2",
+        "DEVICE": "cpu", "NPROC": "2", "train.eval_every": "0", "train.eval_tokens": "512",
         "TRACKERS": "none", "optim.warmup_steps": "2"}
 
 

@@ -22,6 +22,8 @@ from train.config.schema import (
     RunConfig,
     _key_fields,
     bounds_error,
+    eval_set_specs,
+    harness_task_list,
     profile_ranks,
     profile_window,
 )
@@ -68,6 +70,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if typ is str:
         if key == "data.mixture" and isinstance(value, list):
             value = _mixture_from_list(value)
+        if key == "data.eval_sets" and isinstance(value, Mapping):  # YAML's {name: source} as name=source,...
+            value = ",".join(f"{k}={v}" for k, v in value.items())
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key} must be a string, got {type(value).__name__}")
         # YAML reads `no` as False: precision "no" must survive that.
@@ -88,8 +92,17 @@ def _mixture_from_list(items: list) -> str:
     return ",".join(out)
 
 
+# Keys that existed once: a config still using one gets what replaced it, not "unknown key".
+REMOVED_KEYS = {
+    "train.eval_batches": "evaluation now reads whole eval sets (the same blocks for any world size): use "
+                          "train.eval_tokens (EVAL_TOKENS) to cap the tokens per set, 0 = all of it",
+}
+
+
 def _unknown_key(dotted: str, source: str) -> ConfigError:
     """Close matches only: the full list is ~60 keys, one `make keys` away."""
+    if dotted in REMOVED_KEYS:
+        return ConfigError(f"config key {dotted!r} (from {source}) was removed; {REMOVED_KEYS[dotted]}")
     leaf = dotted.rsplit(".", 1)[-1]
     same_leaf = [k for k in allowed_keys() if k.rsplit(".", 1)[-1] == leaf]  # right key, wrong section
     close = difflib.get_close_matches(dotted, allowed_keys() + list(ENV_VARS), n=3, cutoff=0.75)
@@ -337,9 +350,23 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"launch.node_rank={launch.node_rank} must be in [0, nnodes={launch.nnodes})")
     profile_window(cfg.log)
     profile_ranks(cfg.log)
+    eval_set_specs(cfg.data)
+    check_harness_tasks(cfg.checkpoint)
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"RESUME={cfg.checkpoint.resume!r}: no such checkpoint; use auto, never, or a checkpoint "
                           "directory (checkpoints/step_00000050, or step_50)")
+
+
+def check_harness_tasks(ckpt) -> None:
+    """What can be checked without lm-eval: a YAML task file exists, and there is an export to run on.
+    Task names are checked by lm-eval itself before the job starts (train/launcher/inputs.py)."""
+    tasks = harness_task_list(ckpt.harness_tasks)
+    if tasks and not ckpt.export:
+        raise ConfigError("checkpoint.harness_tasks runs on the final export; set checkpoint.export=true, or run "
+                          "`python -m train harness --model CHECKPOINT --tasks ...` on a checkpoint later")
+    for t in tasks:
+        if t.endswith((".yaml", ".yml")) and not Path(t).is_file():
+            raise ConfigError(f"checkpoint.harness_tasks: task file {t!r} not found")
 
 
 def resolve_batch(cfg: RunConfig, world_size: int) -> tuple[int, int]:

@@ -115,6 +115,9 @@ class DataConfig:
                                    "of its tokens rounded to whole documents; unused with data.eval_dataset", gt=0, lt=0.5)
     eval_dataset: str = setting("", "a separate held-out dataset (same forms as DATASET); empty = hold out "
                                 "data.eval_fraction of DATASET's documents", env="EVAL_DATASET")
+    eval_sets: str = setting("", "named eval sets besides the held-out split (logged as eval/heldout/...): NAME=SOURCE,"
+                             "NAME=SOURCE (in YAML also a mapping NAME: SOURCE); sources as DATASET, each logged as "
+                             "eval/NAME/loss and eval/NAME/ppl", env="EVAL_SETS")
     mixture: str = setting("", "weighted mixture instead of DATASET: SOURCE=WEIGHT,SOURCE=WEIGHT (in YAML also a list "
                            "of {dataset, weight}); sources as DATASET, weights > 0", env="DATA_MIXTURE")
     num_workers: int = setting(0, "DataLoader worker processes per rank (0 = load in the training process)", ge=0)
@@ -147,7 +150,8 @@ class TrainConfig:
     global_batch: int = setting(0, "sequences per optimizer step; 0 = micro_batch x grad_accum x world size. If set, grad_accum is derived from it", env="GLOBAL_BATCH", ge=0)
     max_steps: int = setting(150, "optimizer steps of the whole run (a resumed run continues to it)", env="MAX_STEPS", ge=1)
     eval_every: int = setting(50, "evaluate every N steps and at the end (0 = only at the end)", ge=0)
-    eval_batches: int = setting(4, "micro-batches per rank each evaluation reads", ge=1)
+    eval_tokens: int = setting(0, "tokens of each eval set an evaluation reads, from its start in whole blocks of "
+                               "SEQ_LEN; 0 = all of it. The same blocks for any world size", env="EVAL_TOKENS", ge=0)
     spike_factor: float = setting(3.0, "a logged loss above this x the median of the last spike_window rolls back to the newest checkpoint and skips the batches since; 0 = only non-finite losses", ge=0)
     spike_window: int = setting(20, "logged losses the spike median is taken over", ge=1)
     max_rollbacks: int = setting(3, "rollbacks a run may take; then it stops with exit 7 (diverged)", ge=0)
@@ -163,6 +167,10 @@ class CheckpointConfig:
     export: bool = setting(True, "write OUTPUT_DIR/final (safetensors + config + tokenizer) at the end")
     export_timeout_s: int = setting(3600, "how long the other ranks wait while rank 0 writes the final export (its own bound: DIST_TIMEOUT is for collectives)")
     merge_lora: bool = setting(True, "with LoRA, also write the adapters merged into the model in final/ (the adapter alone goes to final/adapter)")
+    harness_tasks: str = setting("", "lm-eval tasks (comma-separated names or YAML files, e.g. "
+                                 "configs/lm_eval/tiny_stories.yaml) run on OUTPUT_DIR/final after the export; results "
+                                 "in final/harness.json and metrics.jsonl; empty = none", env="HARNESS_TASKS")
+    harness_limit: int = setting(0, "documents per lm-eval task (0 = all): a quick look, not a comparable score", ge=0)
     async_save: bool = setting(False, "fsdp, fsdp-offload: write model and optimizer state in the background "
                                "(torch.distributed.checkpoint.async_save) after a copy to CPU memory; a checkpoint "
                                "counts once the next save starts or the run ends", env="ASYNC_SAVE")
@@ -263,6 +271,31 @@ def profile_ranks(log: LogConfig, world_size: int | None = None) -> set[int] | N
         raise ConfigError(f"PROFILE_RANKS={text!r}: rank {bad[0]} does not exist; allowed: 0.."
                           f"{'N-1' if world_size is None else world_size - 1}, or all")
     return ranks
+
+
+HELDOUT = "heldout"  # the eval set drawn from the training data (or data.eval_dataset)
+_EVAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def eval_set_specs(data: DataConfig) -> list[tuple[str, str]]:
+    """data.eval_sets as [(name, source)], in order; ConfigError for a malformed entry, a bad or duplicate name.
+    Names become metric keys (eval/NAME/loss), hence the plain characters."""
+    out: list[tuple[str, str]] = []
+    for part in (p.strip() for p in data.eval_sets.split(",") if p.strip()):
+        name, sep, source = (x.strip() for x in part.partition("="))
+        if not sep or not source:
+            raise ConfigError(f"data.eval_sets entry {part!r} is not NAME=SOURCE (e.g. stories=data/stories.jsonl)")
+        if not _EVAL_NAME.match(name):
+            raise ConfigError(f"data.eval_sets name {name!r}: use letters, digits, _, . and - (it names eval/NAME/loss)")
+        if name == HELDOUT or name in dict(out):
+            why = "is the held-out split's" if name == HELDOUT else "is given twice"
+            raise ConfigError(f"data.eval_sets name {name!r} {why}; each eval set needs its own name")
+        out.append((name, source))
+    return out
+
+
+def harness_task_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 SIZE_KEYS = ("hidden_size", "num_layers", "num_heads", "intermediate_size")

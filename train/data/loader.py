@@ -12,13 +12,14 @@ A mixture changes only what the permutation is (``MixtureBlocks.epoch_order``), 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from train.config import ConfigError, DataConfig
+from train.config.schema import HELDOUT, eval_set_specs
 from train.data.prepare import open_source
 from train.data.shards import Corpus, tokenizer_fingerprint
 
@@ -127,6 +128,8 @@ class Splits:
     eval: Dataset
     raw_tokens: int  # tokens the sources offer (what the pipeline had to pack)
     described: str  # one line for the log: sizes and where eval comes from
+    # every eval set by name, the held-out split (``eval``) first as "heldout", then data.eval_sets
+    eval_sets: dict[str, Dataset] = field(default_factory=dict)
 
 
 def parse_mixture(spec: str) -> list[tuple[str, float]]:
@@ -182,9 +185,17 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int, workers: int = 0, log=pr
     else:
         evals = ConcatBlocks([p[1] for p in parts]) if cfg.mixture else parts[0][1]
         where = f"the last {cfg.eval_fraction:g} of the documents"
+    named = {HELDOUT: evals}
+    for name, source in eval_set_specs(cfg):  # prepared through the same cache as DATASET
+        try:
+            c = open_source(source, cfg, tokenizer, f"data.eval_sets {name}", workers, log)
+        except ConfigError as e:  # say which eval set: the source's own message names only the path
+            raise ConfigError(f"eval set {name!r} (data.eval_sets): {e}") from None
+        named[name] = TokenBlocks(c, 0, c.num_tokens, cfg.seq_len)
     described = (f"{len(train):,} training blocks of {cfg.seq_len} tokens from {sum(c.num_tokens for c in corpora):,} "
-                 f"tokens; {len(evals):,} eval blocks from {where}")
-    return Splits(train, evals, sum(c.num_tokens for c in corpora), described)
+                 f"tokens; {len(evals):,} eval blocks from {where}"
+                 + "".join(f"; eval set {n!r}: {len(d):,} blocks" for n, d in list(named.items())[1:]))
+    return Splits(train, evals, sum(c.num_tokens for c in corpora), described, named)
 
 
 def check_splits(splits: Splits, cfg: DataConfig, global_batch: int) -> None:
@@ -199,6 +210,11 @@ def check_splits(splits: Splits, cfg: DataConfig, global_batch: int) -> None:
                 f"batch of {global_batch} and one held-out block (data.eval_fraction={cfg.eval_fraction} of the "
                 f"documents, or data.eval_dataset) are needed; use more text, a smaller SEQ_LEN, or a smaller "
                 "MICRO_BATCH/GLOBAL_BATCH")
+
+    for name, ds in list(splits.eval_sets.items())[1:]:
+        if len(ds) < 1:
+            raise ConfigError(f"eval set {name!r} gives no block of SEQ_LEN={cfg.seq_len} tokens ({ds.corpus.num_tokens} "
+                              "tokens); give it more text or use a smaller SEQ_LEN")
 
 
 _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)

@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 
 from train.config import ConfigError, RunConfig, exitcodes, resolve_batch, selected_strategy
-from train.config.schema import profile_ranks
+from train.config.schema import harness_task_list, profile_ranks
 from train.launcher import cuda_child
 
 
@@ -30,6 +30,7 @@ def check_inputs(cfg: RunConfig, world_size: int, device: str) -> None:
     check_port(cfg)
     tokenizer = check_model(cfg)
     check_finetuning_and_tracking(cfg)
+    check_harness(cfg)
     check_data(cfg, tokenizer, global_batch)
     check_resume(cfg, world_size, global_batch)
 
@@ -102,6 +103,21 @@ def check_finetuning_and_tracking(cfg: RunConfig) -> None:
 
     check_trackers(cfg)
     check_lora(cfg.model)
+
+
+def check_harness(cfg: RunConfig) -> None:
+    """checkpoint.harness_tasks are known to lm-eval, asked in a process of its own (`harness --check`):
+    lm-eval is heavy and imported only where it runs. YAML files alone were checked with the config."""
+    import subprocess
+    import sys
+
+    if not any(not t.endswith((".yaml", ".yml")) for t in harness_task_list(cfg.checkpoint.harness_tasks)):
+        return
+    p = subprocess.run([sys.executable, "-m", "train", "harness", "--check", "--tasks", cfg.checkpoint.harness_tasks],
+                       capture_output=True, text=True)
+    if p.returncode:
+        errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+        raise ConfigError(f"checkpoint.harness_tasks: {errors[-1][len('error: '):] if errors else p.stderr.strip()[-300:]}")
 
 
 def check_data(cfg: RunConfig, tokenizer, global_batch: int) -> None:

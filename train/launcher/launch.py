@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 from train.config import ConfigError, RunConfig, selected_strategy, strategy_name
+from train.config.schema import harness_task_list
 from train.config.torch_support import check_torch_floor
 from train.launcher.cpus import available_cpus
 from train.launcher.inputs import check_inputs
@@ -121,4 +124,18 @@ def launch(cfg: RunConfig, argv: list[str]) -> int:
           f"master {spec.master_addr}:{spec.master_port}", flush=True)
     wait_for_master(spec, cfg.launch.master_wait_s)
     sys.stdout.flush()
-    return supervise(cmd, env, cfg, spec.node_rank, world, device)
+    code = supervise(cmd, env, cfg, spec.node_rank, world, device)
+    if code == 0 and spec.node_rank == 0 and harness_task_list(cfg.checkpoint.harness_tasks) \
+            and cfg.train.until_step in (0, cfg.train.max_steps):  # (until_step stops short: no export)
+        code = run_harness(cfg)
+    return code
+
+
+def run_harness(cfg: RunConfig) -> int:
+    """checkpoint.harness_tasks on the final export, in a process of its own: lm-eval is imported
+    only there, after the ranks have exited (their GPU memory is free)."""
+    final = Path(cfg.output_dir) / "final"
+    cmd = [sys.executable, "-m", "train", "harness", "--model", str(final), "--tasks", cfg.checkpoint.harness_tasks,
+           "--limit", str(cfg.checkpoint.harness_limit), "--step", str(cfg.train.max_steps)]
+    print(f"[launch] benchmark harness on {final}: {cfg.checkpoint.harness_tasks}", flush=True)
+    return subprocess.run(cmd).returncode

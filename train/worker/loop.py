@@ -7,7 +7,6 @@ export. Strategy differences stay in distributed.py and the config files.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
@@ -40,6 +39,7 @@ from train.worker.accelerator import (
     resolve_device,
 )
 from train.worker.engage import HeldBytes, HeldBytesProbe, check_engaged, check_sharded
+from train.worker.evaluate import evaluate as evaluate_sets
 from train.worker.metrics import MetricsLog, MetricsWindow, loss_scale
 from train.worker.model import build_model, is_preset, load_tokenizer, model_config, param_count
 from train.worker.preemption import StopSignal
@@ -118,7 +118,7 @@ class Run:
     scheduler: Any
     sampler: data_mod.GlobalCursorSampler
     loader: Any
-    evals: Any
+    evals: dict  # eval sets by name (data.Splits.eval_sets), read by train/worker/evaluate.py
     ckpt: Checkpointer
     state: TrainState
     log: MetricsLog
@@ -193,9 +193,9 @@ def setup(cfg: RunConfig) -> Run:
         print(f"[train] data: {splits.described}", flush=True)
     sampler = data_mod.GlobalCursorSampler(len(splits.train), global_batch, cfg.seed, splits.train)
     loader = data_mod.train_loader(splits.train, sampler, cfg.train.micro_batch, cfg.data)
-    evals = data_mod.eval_loader(splits.eval, cfg.train.micro_batch)
+    evals = splits.eval_sets  # not a prepared DataLoader: its rank shares would repeat blocks (evaluate.py)
     model = prepare_alone(acc, model)
-    model, optimizer, loader, evals, scheduler = acc.prepare(model, optimizer, loader, evals, scheduler)
+    model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
     align_scheduler(scheduler, optimizer)
     if acc.is_main_process:  # e.g. DistributedDataParallel, FSDPLlamaForCausalLM, DeepSpeedEngine
         print(f"[train] model prepared as {type(model).__name__}", flush=True)
@@ -290,7 +290,7 @@ def train(cfg: RunConfig) -> int:
                 r.log.log(record)
             if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
                 progress.phase("eval")
-                r.log.log({"step": state.step, **evaluate(model, r.evals, acc, cfg.train.eval_batches)})
+                r.log.log({"step": state.step, **evaluate(r)})
             stopped = r.stop.agreed()  # non-blocking: a signal is agreed on one step after it arrives
             if stopped or state.step >= end:
                 break  # save_last after the loop covers both
@@ -328,7 +328,7 @@ def finish(r: Run) -> None:
     """After the last step: the final evaluation (unless that step had one) and the export."""
     cfg, step = r.cfg, r.state.step
     if not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-        r.log.log({"step": step, **evaluate(r.model, r.evals, r.acc, cfg.train.eval_batches)})
+        r.log.log({"step": step, **evaluate(r)})
     if cfg.checkpoint.export:
         out = export_final(r.acc, r.model, r.tokenizer, Path(cfg.output_dir) / "final", r.config_yaml,
                            merge_lora=cfg.checkpoint.merge_lora, provenance=r.ckpt.extra.get("provenance"))
@@ -337,21 +337,9 @@ def finish(r: Run) -> None:
             print(f"[train] exported {out} (load with AutoModelForCausalLM.from_pretrained)", flush=True)
 
 
-@torch.no_grad()
-def evaluate(model, loader, acc, max_batches: int) -> dict:
-    model.eval()
-    total = torch.zeros((), device=acc.device)
-    count = torch.zeros((), device=acc.device)
-    for i, b in enumerate(loader):
-        if i >= max_batches:
-            break
-        out = model(input_ids=b["input_ids"], labels=b["labels"])
-        n = (b["labels"][:, 1:] != IGNORE_INDEX).sum()
-        total += out.loss.float() * n
-        count += n
-    model.train()
-    loss = (acc.reduce(total, "sum") / acc.reduce(count, "sum").clamp(min=1)).item()
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+def evaluate(r: Run) -> dict:
+    """Loss and perplexity of every eval set (eval/NAME/loss, eval/NAME/ppl, eval/NAME/tokens)."""
+    return evaluate_sets(r.model, r.evals, r.acc, r.cfg.train.micro_batch, r.cfg.data.seq_len, r.cfg.train.eval_tokens)
 
 
 @torch.no_grad()

@@ -55,10 +55,10 @@ class MetricsLog:
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")
                    and math.isfinite(v)}  # (trackers stamp their own time)
         self.acc.log(scalars, step=record["step"])
-        line = " ".join(_fmt(k, record[k]) for k in ("step", "loss", "eval_loss", "lr", "grad_norm", "loss_scale",
-                                                       "skipped_steps",
-                                                       "tokens_per_second", "mfu", "step_time_s", "peak_memory_mb",
-                                                       "checkpoint_stall_s") if k in record)
+        shown = ("step", "loss", "lr", "grad_norm", "loss_scale", "skipped_steps", "tokens_per_second", "mfu",
+                 "step_time_s", "peak_memory_mb", "checkpoint_stall_s")
+        evals = [k for k in record if k.startswith("eval/") and k.endswith(("/loss", "/ppl"))]  # one pair per eval set
+        line = " ".join(_fmt(k, record[k]) for k in (*shown[:2], *evals, *shown[2:]) if k in record)
         if self.bar is not None:
             self.bar.n = record["step"]
             self.bar.set_postfix_str(line, refresh=True)
@@ -74,7 +74,7 @@ class MetricsLog:
 
 def _fmt(k: str, v) -> str:
     if isinstance(v, float):
-        return f"{k}={v:.4g}" if k not in ("loss", "eval_loss") else f"{k}={v:.4f}"
+        return f"{k}={v:.4f}" if k == "loss" or k.endswith("/loss") else f"{k}={v:.4g}"
     return f"{k}={v}"
 
 

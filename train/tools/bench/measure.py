@@ -90,7 +90,7 @@ def _run_args(s: BenchSettings, out: Path, **over) -> list[str]:
     args = {"MODEL": s.model, "SEQ_LEN": s.seq_len, "MICRO_BATCH": s.micro_batch, "DEVICE": s.device,
             "LOG_EVERY": 1, "MAX_STEPS": s.steps, "CHECKPOINT_EVERY": 0, "OUTPUT_DIR": out, "RESUME": "never",
             "checkpoint.export": "false", "log.trackers": "none", "log.progress": "false",
-            "train.eval_every": 0, "train.eval_batches": 1, "GRAD_ACCUM": 1, "GLOBAL_BATCH": 0,
+            "train.eval_every": 0, "train.eval_tokens": s.seq_len, "GRAD_ACCUM": 1, "GLOBAL_BATCH": 0,
             # one node on this machine, our strategy files, whatever the surrounding environment says
             "NNODES": 1, "NODE_RANK": 0, "MASTER_ADDR": "127.0.0.1", "ACCELERATE_CONFIG": ""}
     args.update(over)
