@@ -127,7 +127,7 @@ class DataConfig:
     format: Literal["auto", "text", "chat"] = setting(
         "auto", "text (a column of text) | chat (JSONL rows of `messages` [{role, content}] or `prompt`/`completion`, "
         "rendered with the chat template, loss on the assistant's tokens) | auto (chat if a local JSON/JSONL "
-        "source's first row has `messages` or `prompt`, else text)", env="DATA_FORMAT")
+        "source's first row has `messages` or `prompt` and `completion`, else text)", env="DATA_FORMAT")
     chat_template: str = setting("", "chat data: the tokenizer's own chat template if empty; else a shipped one by "
                                  "name (plain) or a Jinja file's path", env="CHAT_TEMPLATE")
     train_on_prompt: bool = setting(False, "chat data: also compute the loss on system/user/tool tokens (default: the "
@@ -237,6 +237,11 @@ class RunConfig:
             "lora": f"r={self.model.lora_r} targets={self.model.lora_target_modules}" if self.model.lora_r else None,
             # only when set: checkpoints of single-dataset runs keep their fingerprint
             **({"mixture": self.data.mixture} if self.data.mixture else {}),
+            # only when set: what a sequence is and where the loss is taken change the run too
+            **({"sequences": f"format={self.data.format} packing={self.data.packing} template="
+                f"{self.data.chat_template} train_on_prompt={self.data.train_on_prompt}"}
+               if (self.data.format, self.data.packing, self.data.chat_template, self.data.train_on_prompt)
+               != ("auto", "auto", "", False) else {}),
         }
 
     def fingerprint_hash(self) -> str:

@@ -78,7 +78,7 @@ def is_chat_source(name: str, cfg: DataConfig) -> bool:
     if not files or any(f.suffix.lower() not in _JSON_SUFFIXES for f in files):
         return False
     for where, row in _rows_of(files[0]):
-        return isinstance(row, dict) and ("messages" in row or "prompt" in row)
+        return isinstance(row, dict) and ("messages" in row or ("prompt" in row and "completion" in row))
     return False
 
 

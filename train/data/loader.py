@@ -201,9 +201,13 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int, workers: int = 0, log=pr
         where = f"the last {cfg.eval_fraction:g} of the documents"
     described = (f"{len(train):,} training blocks of {cfg.seq_len} tokens from {sum(c.num_tokens for c in corpora):,} "
                  f"tokens; {len(evals):,} eval blocks from {where}")
-    template = chat_mod.resolve_template(cfg, tokenizer).text if chat else None
+    template = chat_mod.resolve_template(cfg, tokenizer) if chat else None
+    for c in corpora if chat else []:  # the export's tokenizer must carry the template the data was rendered with
+        if c.has_mask and c.manifest.get("chat_template") != template.sha256:
+            raise ConfigError(f"DATASET {str(c.path)!r} was prepared with another chat template than this run's "
+                              f"{template.name}; set CHAT_TEMPLATE to the one it was prepared with, or prepare it again")
     return Splits(train, evals, sum(c.num_tokens for c in corpora), described, mode,
-                  packing.describe(mode, chat, cfg), template)
+                  packing.describe(mode, chat, cfg), template.text if template else None)
 
 
 def check_splits(splits: Splits, cfg: DataConfig, global_batch: int) -> None:
