@@ -385,7 +385,9 @@ def main(argv: list[str]) -> None:
     c = prepare(sources, out, tokenizer, cfg.data, cfg.data.prepare_workers)
     took = time.monotonic() - t0
     size = sum(f.stat().st_size for f in Path(out).iterdir())
-    print(f"[prepare] {out}: {c.num_tokens:,} tokens, {c.num_documents:,} documents, {len(c.shards)} shard(s), "
+    learned = sum(d.get("masked", 0) for d in c.shards)
+    chat = f" (conversations: {learned:,} assistant tokens to learn)" if c.has_mask else ""
+    print(f"[prepare] {out}: {c.num_tokens:,} tokens, {c.num_documents:,} documents{chat}, {len(c.shards)} shard(s), "
           f"{c.dtype[1:]}, {size / 1e6:,.1f} MB on disk ({size / max(c.num_tokens, 1):.2f} MB per million "
           f"tokens), {took:.1f} s ({c.num_tokens / max(took, 1e-9):,.0f} tokens/s)", flush=True)
     sys.stdout.flush()
