@@ -15,7 +15,8 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 CORPUS_FILE = ASSETS / "tiny-stories" / "train.txt"
 TOKENIZER_DIR = ASSETS / "tokenizer"
 VOCAB_SIZE = 2048
-BUILTIN_DATASETS = {"tiny-stories": CORPUS_FILE}
+CHAT_FILE = ASSETS / "tiny-chat" / "train.jsonl"  # conversations for instruction tuning (docs/instruction-tuning.md)
+BUILTIN_DATASETS = {"tiny-stories": CORPUS_FILE, "tiny-chat": CHAT_FILE}
 
 _NAMES = ["Mia", "Tom", "Lily", "Ben", "Sara", "Max", "Nora", "Leo", "Ava", "Sam", "Ella", "Finn", "Zoe", "Jack"]
 _ANIMALS = ["cat", "dog", "bird", "fox", "rabbit", "duck", "frog", "bear", "mouse", "horse", "owl", "fish"]
@@ -65,6 +66,42 @@ def generate(n_stories: int = 4000, seed: int = 0) -> list[str]:
     return [_story(rng) for _ in range(n_stories)]
 
 
+_SYSTEM = ["You are a helpful assistant.", "Answer in one short sentence.", "You are a friendly storyteller."]
+
+
+def _turn(rng: random.Random) -> tuple[str, str]:
+    """One question and its answer; the answer follows from the question (learnable by a tiny model)."""
+    a, b = rng.sample(_NAMES, 2)
+    thing, adj, place, animal = rng.choice(_THINGS), rng.choice(_ADJ), rng.choice(_PLACES), rng.choice(_ANIMALS)
+    x, y = rng.randint(1, 9), rng.randint(1, 9)
+    return rng.choice([
+        (f"{a} has a {adj} {thing}. What does {a} have?", f"{a} has a {adj} {thing}."),
+        (f"Where did {a} go? {a} went to the {place}.", f"{a} went to the {place}."),
+        (f"Say hello to {a}.", f"Hello, {a}!"),
+        (f"What is {x} plus {y}?", f"{x} plus {y} is {x + y}."),
+        (f"Tell me a story about a {animal}.", _story(rng)),
+        (f"Who is the friend of {a}? The friend of {a} is {b}.", f"The friend of {a} is {b}."),
+        (f"Is the {thing} {adj}? Yes, the {thing} is {adj}.", f"Yes, the {thing} is {adj}."),
+    ])
+
+
+def generate_chats(n: int = 1000, seed: int = 0) -> list[dict]:
+    """Conversations (one to three turns, some with a system message) and prompt/completion pairs."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        if rng.random() < 0.15:
+            q, r = _turn(rng)
+            rows.append({"prompt": q, "completion": r})
+            continue
+        msgs = [{"role": "system", "content": rng.choice(_SYSTEM)}] if rng.random() < 0.3 else []
+        for _ in range(rng.choice([1, 1, 2, 3])):
+            q, r = _turn(rng)
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": r}]
+        rows.append({"messages": msgs})
+    return rows
+
+
 def train_tokenizer(lines: list[str], out_dir: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -81,10 +118,17 @@ def train_tokenizer(lines: list[str], out_dir: Path) -> None:
 
 
 def main() -> None:
+    import json
+
+    CHAT_FILE.parent.mkdir(parents=True, exist_ok=True)
+    CHAT_FILE.write_text("".join(json.dumps(r) + "\n" for r in generate_chats()))
+    if "--chat-only" in __import__("sys").argv:  # the chat file alone: the tokenizer and stories stay
+        print(f"wrote {CHAT_FILE}")
+        return
     lines = generate()
     CORPUS_FILE.parent.mkdir(parents=True, exist_ok=True)
     CORPUS_FILE.write_text("\n".join(lines) + "\n")
-    train_tokenizer(lines, TOKENIZER_DIR)
+    train_tokenizer(lines, TOKENIZER_DIR)  # (chat_template.jinja in that directory is kept: save_pretrained adds files)
     print(f"wrote {len(lines)} stories to {CORPUS_FILE} and a {VOCAB_SIZE}-token BPE tokenizer to {TOKENIZER_DIR}")
 
 

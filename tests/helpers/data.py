@@ -9,7 +9,7 @@ from pathlib import Path
 
 from helpers.jobs import LAUNCH_TIMEOUT, REPO, TINY, job_env
 
-__all__ = ["write_docs", "prepare_cli", "dir_bytes"]
+__all__ = ["write_docs", "prepare_cli", "dir_bytes", "write_prepared"]
 
 
 def write_docs(path: Path, n: int, seed: int = 0, tag: str = "") -> list[str]:
@@ -34,3 +34,26 @@ def prepare_cli(out: Path, *sources, env: dict | None = None, check: bool = True
 
 def dir_bytes(path: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(Path(path).iterdir())}
+
+
+def write_prepared(out: Path, docs: list[list[int]], tokenizer) -> Path:
+    """A prepared directory holding exactly these documents (token ids, EOS included), written by
+    the prepare's own shard writer: tests that need documents of chosen lengths."""
+    import numpy as np
+
+    from train.data.prepare import ShardWriter
+    from train.data.shards import FORMAT, MANIFEST, arrays_spec, token_dtype, tokenizer_fingerprint, write_json
+
+    fp = tokenizer_fingerprint(tokenizer)
+    dtype = token_dtype(fp["vocab_size"])
+    out.mkdir(parents=True)
+    writer = ShardWriter(out, dtype, 1 << 30, [])
+    writer.add(np.concatenate([np.asarray(d) for d in docs]).astype(dtype), np.array([len(d) for d in docs]))
+    writer.finish()
+    total = sum(len(d) for d in docs)
+    write_json(out / MANIFEST, {"format": FORMAT, "sources": [], "tokenizer": fp, "text_field": "text",
+                                "shard_tokens": 1 << 30, "dtype": dtype, "arrays": arrays_spec(dtype), "tokens": total,
+                                "documents": len(docs), "rows": len(docs), "shards": writer.done})
+    for d in writer.done:
+        (out / f"{d['name']}.json").unlink()  # as prepare leaves it: the manifest holds the shards' records
+    return out

@@ -30,3 +30,29 @@ def assert_refused(p, *fragments, code: int = 2, out: Path | None = None, before
     return last
 
 
+
+def launch_in_process(monkeypatch, capsys, *args, env: dict | None = None):
+    """`python -m train ARGS` called in this process, as a CompletedProcess: a refusal costs no new
+    interpreter. Should a check wrongly pass, the launcher's exec of `accelerate launch` raises."""
+    import os
+    import subprocess
+
+    from helpers.jobs import REPO, job_env
+    from train.__main__ import main
+
+    def refuse_exec(*a, **k):
+        raise AssertionError("the launcher got past its checks and tried to start the job")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "execvpe", refuse_exec)
+        m.chdir(REPO)
+        for k, v in job_env(env).items():
+            m.setenv(k, v)
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)

@@ -126,6 +126,20 @@ class DataConfig:
     shard_tokens: int = setting(1 << 27, "prepare: tokens per shard file (a shard ends at the first document end "
                                 "past this)", ge=1)
     prepare_workers: int = setting(0, "prepare: tokenizing processes; 0 = the CPUs this process may use", ge=0)
+    # Chat / instruction data (docs/instruction-tuning.md).
+    format: Literal["auto", "text", "chat"] = setting(
+        "auto", "text (a column of text) | chat (JSONL rows of `messages` [{role, content}] or `prompt`/`completion`, "
+        "rendered with the chat template, loss on the assistant's tokens) | auto (chat if a local JSON/JSONL "
+        "source's first row has `messages` or `prompt` and `completion`, else text)", env="DATA_FORMAT")
+    chat_template: str = setting("", "chat data: the tokenizer's own chat template if empty; else a shipped one by "
+                                 "name (plain) or a Jinja file's path", env="CHAT_TEMPLATE")
+    train_on_prompt: bool = setting(False, "chat data: also compute the loss on system/user/tool tokens (default: the "
+                                    "assistant's tokens only)", env="TRAIN_ON_PROMPT")
+    packing: Literal["auto", "masked", "plain", "padded"] = setting(
+        "auto", "masked (documents packed into SEQ_LEN blocks, each attending only to itself: positions restart, "
+        "attention stops at its ends) | plain (packed, attending across documents: pretraining as before) | padded "
+        "(one document per sequence, padded; longer ones truncated) | auto (masked for chat data, plain for text)",
+        env="PACKING")
 
 
 @dataclass
@@ -231,6 +245,11 @@ class RunConfig:
             "lora": f"r={self.model.lora_r} targets={self.model.lora_target_modules}" if self.model.lora_r else None,
             # only when set: checkpoints of single-dataset runs keep their fingerprint
             **({"mixture": self.data.mixture} if self.data.mixture else {}),
+            # only when set: what a sequence is and where the loss is taken change the run too
+            **({"sequences": f"format={self.data.format} packing={self.data.packing} template="
+                f"{self.data.chat_template} train_on_prompt={self.data.train_on_prompt}"}
+               if (self.data.format, self.data.packing, self.data.chat_template, self.data.train_on_prompt)
+               != ("auto", "auto", "", False) else {}),
         }
 
     def fingerprint_hash(self) -> str:

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from train.config import ConfigError, DataConfig
 from train.config.schema import HELDOUT, eval_set_specs
+from train.data import chat as chat_mod
+from train.data import packing
 from train.data.prepare import open_source
 from train.data.shards import Corpus, tokenizer_fingerprint
 
@@ -28,8 +30,10 @@ class TokenBlocks(Dataset):
     """Tokens [start, stop) of a corpus as consecutive blocks of ``seq_len`` (the tail shorter than
     a block is dropped). Items carry their index so tests and the metrics ledger can audit order."""
 
-    def __init__(self, corpus: Corpus, start: int, stop: int, seq_len: int):
+    def __init__(self, corpus: Corpus, start: int, stop: int, seq_len: int, mode: str = "plain",
+                 train_on_prompt: bool = False):
         self.corpus, self.start, self.seq_len = corpus, start, seq_len
+        self.mode, self.train_on_prompt = mode, train_on_prompt  # data.packing (train/data/packing.py)
         self.n = max(0, (stop - start) // seq_len)
 
     def __len__(self) -> int:
@@ -39,9 +43,13 @@ class TokenBlocks(Dataset):
         a = self.start + i * self.seq_len
         return torch.from_numpy(self.corpus.tokens(a, a + self.seq_len).astype(np.int64))
 
+    def item(self, i: int) -> dict:
+        """Block i's model inputs: input_ids, labels (and position_ids when masked)."""
+        return packing.block_item(self.corpus, self.start + i * self.seq_len, self.seq_len, self.mode,
+                                  self.train_on_prompt)
+
     def __getitem__(self, i: int) -> dict:
-        x = self.block(int(i))
-        return {"input_ids": x, "labels": x, "index": torch.tensor(int(i))}
+        return {**self.item(int(i)), "index": torch.tensor(int(i))}
 
 
 class ConcatBlocks(Dataset):
@@ -56,8 +64,7 @@ class ConcatBlocks(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         s = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        x = self.parts[s].block(int(i - self.offsets[s]))
-        return {"input_ids": x, "labels": x, "index": torch.tensor(int(i))}
+        return {**self.parts[s].item(int(i - self.offsets[s])), "index": torch.tensor(int(i))}
 
 
 def apportion(total: int, weights: list[float]) -> list[int]:
@@ -118,8 +125,7 @@ class MixtureBlocks(Dataset):
         epoch, slot = divmod(int(sample_id), self.N)
         s = self.source_of(slot)
         k = slot - int(self.offsets[s])
-        x = self.parts[s].block((epoch * self.quota[s] + k) % self.sizes[s])
-        return {"input_ids": x, "labels": x, "index": torch.tensor(int(sample_id))}
+        return {**self.parts[s].item((epoch * self.quota[s] + k) % self.sizes[s]), "index": torch.tensor(int(sample_id))}
 
 
 @dataclass
@@ -130,6 +136,9 @@ class Splits:
     described: str  # one line for the log: sizes and where eval comes from
     # every eval set by name, the held-out split (``eval``) first as "heldout", then data.eval_sets
     eval_sets: dict[str, Dataset] = field(default_factory=dict)
+    packing: str = "plain"  # data.packing resolved (train/data/packing.py)
+    packing_line: str = ""  # one line for the log: what a sequence is, where the loss is taken
+    chat_template: str | None = None  # chat data: the template (the export's tokenizer carries it)
 
 
 def parse_mixture(spec: str) -> list[tuple[str, float]]:
@@ -151,14 +160,20 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
     return out
 
 
-def _held_out(corpus: Corpus, cfg: DataConfig) -> tuple[TokenBlocks, TokenBlocks]:
+def _blocks(corpus: Corpus, start: int, stop: int, cfg: DataConfig, mode: str):
+    if mode == "padded":
+        return packing.PaddedDocs(corpus, start, stop, cfg.seq_len, cfg.train_on_prompt)
+    return TokenBlocks(corpus, start, stop, cfg.seq_len, mode, cfg.train_on_prompt)
+
+
+def _held_out(corpus: Corpus, cfg: DataConfig, mode: str = "plain") -> tuple[TokenBlocks, TokenBlocks]:
     """Train on the corpus up to a document boundary, hold out the documents after it (the last
     ``eval_fraction`` of its tokens, rounded to whole documents): no document is in both."""
     t = corpus.num_tokens
     if cfg.eval_dataset:
-        return TokenBlocks(corpus, 0, t, cfg.seq_len), None
+        return _blocks(corpus, 0, t, cfg, mode), None
     cut = corpus.document_end_at_or_after(math.ceil(t * (1 - cfg.eval_fraction)))
-    return TokenBlocks(corpus, 0, cut, cfg.seq_len), TokenBlocks(corpus, cut, t, cfg.seq_len)
+    return _blocks(corpus, 0, cut, cfg, mode), _blocks(corpus, cut, t, cfg, mode)
 
 
 def open_corpora(cfg: DataConfig, tokenizer, workers: int = 0, log=print) -> tuple[list, list[float], Corpus | None]:
@@ -177,10 +192,12 @@ def open_corpora(cfg: DataConfig, tokenizer, workers: int = 0, log=print) -> tup
 
 def build_splits(cfg: DataConfig, tokenizer, seed: int, workers: int = 0, log=print) -> Splits:
     corpora, weights, ev = open_corpora(cfg, tokenizer, workers, log)
-    parts = [_held_out(c, cfg) for c in corpora]
+    chat = any(c.has_mask for c in corpora)
+    mode = packing.resolve(cfg, chat)
+    parts = [_held_out(c, cfg, mode) for c in corpora]
     train = MixtureBlocks([p[0] for p in parts], weights, seed) if cfg.mixture else parts[0][0]
     if ev is not None:
-        evals = TokenBlocks(ev, 0, ev.num_tokens, cfg.seq_len)
+        evals = _blocks(ev, 0, ev.num_tokens, cfg, mode)
         where = f"data.eval_dataset {cfg.eval_dataset!r}"
     else:
         evals = ConcatBlocks([p[1] for p in parts]) if cfg.mixture else parts[0][1]
@@ -191,11 +208,17 @@ def build_splits(cfg: DataConfig, tokenizer, seed: int, workers: int = 0, log=pr
             c = open_source(source, cfg, tokenizer, f"data.eval_sets {name}", workers, log)
         except ConfigError as e:  # say which eval set: the source's own message names only the path
             raise ConfigError(f"eval set {name!r} (data.eval_sets): {e}") from None
-        named[name] = TokenBlocks(c, 0, c.num_tokens, cfg.seq_len)
+        named[name] = _blocks(c, 0, c.num_tokens, cfg, mode)
     described = (f"{len(train):,} training blocks of {cfg.seq_len} tokens from {sum(c.num_tokens for c in corpora):,} "
                  f"tokens; {len(evals):,} eval blocks from {where}"
                  + "".join(f"; eval set {n!r}: {len(d):,} blocks" for n, d in list(named.items())[1:]))
-    return Splits(train, evals, sum(c.num_tokens for c in corpora), described, named)
+    template = chat_mod.resolve_template(cfg, tokenizer) if chat else None
+    for c in corpora if chat else []:  # the export's tokenizer must carry the template the data was rendered with
+        if c.has_mask and c.manifest.get("chat_template") != template.sha256:
+            raise ConfigError(f"DATASET {str(c.path)!r} was prepared with another chat template than this run's "
+                              f"{template.name}; set CHAT_TEMPLATE to the one it was prepared with, or prepare it again")
+    return Splits(train, evals, sum(c.num_tokens for c in corpora), described, named, mode,
+                  packing.describe(mode, chat, cfg), template.text if template else None)
 
 
 def check_splits(splits: Splits, cfg: DataConfig, global_batch: int) -> None:

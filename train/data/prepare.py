@@ -24,15 +24,16 @@ import signal
 import sys
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
 
 from train.config import ConfigError, DataConfig
+from train.data import chat
 from train.data import sources as src
-from train.data.shards import (DOCS, FORMAT, MANIFEST, TOKENS, Corpus, arrays_spec, is_prepared, looks_unfinished, shard_name,
+from train.data.shards import (DOCS, FORMAT, MANIFEST, MASK, TOKENS, Corpus, arrays_spec, is_prepared, looks_unfinished, shard_name,
                      token_dtype, tokenizer_fingerprint, write_json)
 
 PROGRESS = "prepare.json"  # what an unfinished prepare is preparing: a rerun continues only the same job
@@ -71,17 +72,17 @@ def _encode(texts: list) -> tuple[np.ndarray, np.ndarray]:
 
 # -- writing shards -------------------------------------------------------------------------------
 class ShardWriter:
-    def __init__(self, out: Path, dtype: str, shard_tokens: int, done: list[dict]):
-        self.out, self.dtype, self.shard_tokens = out, np.dtype(dtype), shard_tokens
+    def __init__(self, out: Path, dtype: str, shard_tokens: int, done: list[dict], mask: bool = False):
+        self.out, self.dtype, self.shard_tokens, self.with_mask = out, np.dtype(dtype), shard_tokens, mask
         self.done = done  # finished shards' metadata, in order
         self.rows = done[-1]["rows_end"] if done else 0
         self._open()
 
     def _open(self) -> None:
         name = shard_name(len(self.done))
-        self.name, self.fill, self.docs_written = name, 0, 0
+        self.name, self.fill, self.docs_written, self.masked = name, 0, 0, 0
         self.files = {key: open(self.out / f".tmp-{name}{spec['suffix']}", "wb")
-                      for key, spec in arrays_spec(self.dtype.str).items()}
+                      for key, spec in arrays_spec(self.dtype.str, self.with_mask).items()}
         self.hashes = {key: hashlib.sha256() for key in self.files}
 
     def _write(self, key: str, arr: np.ndarray) -> None:
@@ -89,8 +90,9 @@ class ShardWriter:
         self.files[key].write(b)
         self.hashes[key].update(b)
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append one chunk's rows; close a shard at the first row whose end fills it."""
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Append one chunk's rows (and their loss mask, chat data); close a shard at the first row
+        whose end fills it."""
         pos, tok_off = 0, 0
         while pos < len(lengths):
             cs = np.cumsum(lengths[pos:])
@@ -99,6 +101,9 @@ class ShardWriter:
             take = min(j + 1, len(cs))
             n_tok = int(cs[take - 1])
             self._write(TOKENS, tokens[tok_off:tok_off + n_tok])
+            if self.with_mask:
+                self._write(MASK, mask[tok_off:tok_off + n_tok].astype("|u1"))
+                self.masked += int(mask[tok_off:tok_off + n_tok].sum())
             ends = self.fill + cs[:take][lengths[pos:pos + take] > 0]
             self._write(DOCS, ends.astype("<i8"))
             self.fill += n_tok
@@ -115,10 +120,11 @@ class ShardWriter:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-            suffix = arrays_spec(self.dtype.str)[key]["suffix"]
+            suffix = arrays_spec(self.dtype.str, self.with_mask)[key]["suffix"]
             os.replace(self.out / f".tmp-{self.name}{suffix}", self.out / f"{self.name}{suffix}")
         meta = {"name": self.name, "tokens": self.fill, "documents": self.docs_written, "rows_end": self.rows,
-                "sha256": {k: h.hexdigest() for k, h in self.hashes.items()}}
+                "sha256": {k: h.hexdigest() for k, h in self.hashes.items()},
+                **({"masked": self.masked} if self.with_mask else {})}
         write_json(self.out / f"{self.name}.json", meta)  # the shard counts as written from here
         self.done.append(meta)
 
@@ -149,7 +155,7 @@ def _finished_shards(out: Path) -> list[dict]:
     done = []
     while (out / f"{shard_name(len(done))}.json").is_file():
         done.append(json.loads((out / f"{shard_name(len(done))}.json").read_text()))
-    keep = {f"{d['name']}{s}" for d in done for s in (".json", ".tokens", ".docs")} | {PROGRESS}
+    keep = {f"{d['name']}{s}" for d in done for s in (".json", ".tokens", ".docs", ".mask")} | {PROGRESS}
     for f in out.iterdir():
         if f.name not in keep and (f.name.startswith((".tmp-", "shard-"))):
             f.unlink()  # a half-written shard, or arrays renamed before their .json was written
@@ -182,8 +188,10 @@ def prepare(sources: list[str], out: str | Path, tokenizer, cfg: DataConfig, wor
     fps = [src.fingerprint(s, cfg.dataset_config, cfg.split) for s in sources]
     tok_fp = tokenizer_fingerprint(tokenizer)
     dtype = token_dtype(tok_fp["vocab_size"])
+    template = chat_template_for(sources, cfg, tokenizer)
     job = {"format": FORMAT, "sources": fps, "tokenizer": tok_fp, "text_field": cfg.text_field,
-           "shard_tokens": cfg.shard_tokens, "dtype": dtype}
+           "shard_tokens": cfg.shard_tokens, "dtype": dtype,
+           **({"chat_template": template.sha256} if template else {})}
     if is_prepared(out):
         manifest = json.loads((out / MANIFEST).read_text())
         if {k: manifest.get(k) for k in job} == job:
@@ -199,10 +207,13 @@ def prepare(sources: list[str], out: str | Path, tokenizer, cfg: DataConfig, wor
         raise ConfigError(f"--out {str(out)!r} is not empty and holds no prepared corpus; use a new directory")
     write_json(out / PROGRESS, job)
     done = _finished_shards(out)
-    writer = ShardWriter(out, dtype, cfg.shard_tokens, done)
+    writer = ShardWriter(out, dtype, cfg.shard_tokens, done, mask=template is not None)
     skip = writer.rows
-    texts = chain.from_iterable(src.iter_texts(s, cfg.text_field, cfg.dataset_config, cfg.split, cfg.cache_dir)
-                                for s in sources)
+    if template is not None:
+        texts = chain.from_iterable(chat.iter_conversations(s, cfg) for s in sources)
+    else:
+        texts = chain.from_iterable(src.iter_texts(s, cfg.text_field, cfg.dataset_config, cfg.split, cfg.cache_dir)
+                                    for s in sources)
     if skip:
         log(f"[prepare] continuing {out}: {len(done)} shard(s) done, skipping their {skip} input rows")
         # A skipped row is read, not tokenized; islice consumes without holding them.
@@ -211,9 +222,12 @@ def prepare(sources: list[str], out: str | Path, tokenizer, cfg: DataConfig, wor
     t0, last = time.monotonic(), time.monotonic()
     tokens0 = sum(d["tokens"] for d in done)
     args = (tokenizer.backend_tokenizer.to_str(), tok_fp["eos"], dtype)
-    with _encoder(workers, args) as encode:
-        for toks, lengths in encode(_chunks(texts)):
-            writer.add(toks, lengths)
+    with (nullcontext(None) if template is not None else _encoder(workers, args)) as encode:
+        # Conversations render through transformers' Jinja in this process (fine-tuning sets are small).
+        chunks = (_chat_chunks(texts, tokenizer, template, tok_fp["eos"], dtype) if template is not None
+                  else encode(_chunks(texts)))
+        for toks, lengths, *mask in chunks:
+            writer.add(toks, lengths, *mask)
             if time.monotonic() - last > 10:
                 n = sum(d["tokens"] for d in writer.done) + writer.fill - tokens0
                 log(f"[prepare] {n:,} tokens ({n / (time.monotonic() - t0):,.0f}/s), {writer.rows:,} rows")
@@ -221,16 +235,25 @@ def prepare(sources: list[str], out: str | Path, tokenizer, cfg: DataConfig, wor
     writer.finish()
     shards = writer.done
     total = sum(d["tokens"] for d in shards)
+    if template is not None and not any(d.get("masked", 0) for d in shards):
+        raise ConfigError(f"chat data {', '.join(repr(s) for s in sources)}: {template.name} leaves no assistant "
+                          "tokens to learn in any conversation (is there an assistant message?)")
     if total == 0:
         names = ", ".join(repr(s) for s in sources)
         raise ConfigError(f"dataset {names} has no text in column {cfg.text_field!r} (every row is empty)")
-    manifest = {**job, "arrays": arrays_spec(dtype), "tokens": total, "documents": sum(d["documents"] for d in shards),
+    manifest = {**job, "arrays": arrays_spec(dtype, template is not None), "tokens": total, "documents": sum(d["documents"] for d in shards),
                 "rows": writer.rows, "shards": shards}
     write_json(out / MANIFEST, manifest)  # last: from here the directory is a prepared corpus
     for d in shards:
         (out / f"{d['name']}.json").unlink()
     (out / PROGRESS).unlink()
     return Corpus(out)
+
+
+def _chat_chunks(rows, tokenizer, template, eos: int, dtype: str, size: int = 256):
+    for chunk in iter(lambda: list(islice(rows, size)), []):
+        toks, lengths, mask = chat.encode_rows(chunk, tokenizer, template, eos)
+        yield toks.astype(dtype), lengths, mask
 
 
 @contextmanager
@@ -270,11 +293,21 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "train" / "prepared"
 
 
+def chat_template_for(sources: list[str], cfg: DataConfig, tokenizer):
+    """The chat template when the sources are chat data (data.format), else None: all or none."""
+    kinds = [chat.is_chat_source(s, cfg) for s in sources]
+    if any(kinds) and not all(kinds):
+        raise ConfigError(f"sources {', '.join(repr(s) for s in sources)} mix chat and text data; prepare them apart")
+    return chat.resolve_template(cfg, tokenizer) if all(kinds) and kinds else None
+
+
 def cache_entry(name: str, cfg: DataConfig, tokenizer) -> Path:
     import json
 
+    template = chat_template_for([name], cfg, tokenizer)
     key = json.dumps([FORMAT, src.fingerprint(name, cfg.dataset_config, cfg.split), cfg.text_field,
-                      cfg.shard_tokens, tokenizer_fingerprint(tokenizer)], sort_keys=True)
+                      cfg.shard_tokens, tokenizer_fingerprint(tokenizer),
+                      *([template.sha256] if template else [])], sort_keys=True)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name.rstrip("/")).name or name)[:40]
     return cache_root(cfg) / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
@@ -352,7 +385,9 @@ def main(argv: list[str]) -> None:
     c = prepare(sources, out, tokenizer, cfg.data, cfg.data.prepare_workers)
     took = time.monotonic() - t0
     size = sum(f.stat().st_size for f in Path(out).iterdir())
-    print(f"[prepare] {out}: {c.num_tokens:,} tokens, {c.num_documents:,} documents, {len(c.shards)} shard(s), "
+    learned = sum(d.get("masked", 0) for d in c.shards)
+    chat = f" (conversations: {learned:,} assistant tokens to learn)" if c.has_mask else ""
+    print(f"[prepare] {out}: {c.num_tokens:,} tokens, {c.num_documents:,} documents{chat}, {len(c.shards)} shard(s), "
           f"{c.dtype[1:]}, {size / 1e6:,.1f} MB on disk ({size / max(c.num_tokens, 1):.2f} MB per million "
           f"tokens), {took:.1f} s ({c.num_tokens / max(took, 1e-9):,.0f} tokens/s)", flush=True)
     sys.stdout.flush()

@@ -33,7 +33,7 @@ from train.config import ConfigError
 
 FORMAT = "train-tokens/1"
 MANIFEST = "manifest.json"
-TOKENS, DOCS = "tokens", "docs"
+TOKENS, DOCS, MASK = "tokens", "docs", "mask"
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -41,9 +41,13 @@ def token_dtype(vocab_size: int) -> str:
     return "<u2" if vocab_size <= 1 << 16 else "<u4"
 
 
-def arrays_spec(dtype: str) -> dict:
-    return {TOKENS: {"suffix": ".tokens", "dtype": dtype, "per": "token"},
+def arrays_spec(dtype: str, mask: bool = False) -> dict:
+    """The arrays of each shard; chat data adds its loss mask (1 = a token to learn, train/data/chat.py)."""
+    spec = {TOKENS: {"suffix": ".tokens", "dtype": dtype, "per": "token"},
             DOCS: {"suffix": ".docs", "dtype": "<i8", "per": "document"}}
+    if mask:
+        spec[MASK] = {"suffix": ".mask", "dtype": "|u1", "per": "token"}
+    return spec
 
 
 def shard_name(k: int) -> str:
@@ -165,25 +169,30 @@ class Corpus:
     def __getstate__(self):  # DataLoader workers open the files themselves
         return {**self.__dict__, "_maps": {}, "_fds": {}}
 
-    def _fd(self, k: int) -> int:
-        fd = self._fds.get(k)
+    @property
+    def has_mask(self) -> bool:
+        return MASK in self.arrays
+
+    def _fd(self, k: int, key: str = TOKENS) -> int:
+        fd = self._fds.get((k, key))
         if fd is None:
-            fd = self._fds[k] = os.open(self.path / (self.shards[k]["name"] + self.arrays[TOKENS]["suffix"]), os.O_RDONLY)
+            fd = self._fds[(k, key)] = os.open(self.path / (self.shards[k]["name"] + self.arrays[key]["suffix"]),
+                                               os.O_RDONLY)
         return fd
 
-    def tokens(self, start: int, stop: int) -> np.ndarray:
+    def tokens(self, start: int, stop: int, key: str = TOKENS) -> np.ndarray:
         """Global tokens [start, stop), across shard boundaries.
 
         Read with pread, not through a map: the page cache may hold a file in folios of up to
         2 MB, and a mapped read brings the whole folio into this process's RSS (measured: ~2 MB
         per random block from a 2 GB corpus). Read, only the block is copied into the process."""
         out = []
-        dtype = np.dtype(self.dtype)
+        dtype = np.dtype(self.arrays[key]["dtype"])
         k = bisect.bisect_right(self.starts, start) - 1
         while start < stop:
             lo = start - self.starts[k]
             hi = min(stop, self.starts[k + 1]) - self.starts[k]
-            buf = os.pread(self._fd(k), (hi - lo) * dtype.itemsize, lo * dtype.itemsize)
+            buf = os.pread(self._fd(k, key), (hi - lo) * dtype.itemsize, lo * dtype.itemsize)
             if len(buf) != (hi - lo) * dtype.itemsize:  # the file shrank after the launch-time check
                 raise ConfigError(f"{self.what}={str(self.path)!r}: shard {self.shards[k]['name']} ends early; "
                                   "it was changed while training read it")
@@ -203,6 +212,28 @@ class Corpus:
         ends = self._map(k, DOCS)
         i = int(np.searchsorted(ends, t - self.starts[k], side="left"))
         return self.starts[k] + int(ends[i])
+
+    def mask(self, start: int, stop: int) -> np.ndarray:
+        """The loss mask of global tokens [start, stop) (chat data; all ones for text)."""
+        if not self.has_mask:
+            return np.ones(stop - start, np.uint8)
+        return self.tokens(start, stop, MASK)
+
+    def document_starts_in(self, start: int, stop: int) -> np.ndarray:
+        """Global offsets of the documents that begin inside (start, stop): where a block's
+        positions restart and its attention stops. Shard ends are document ends."""
+        out = []
+        k = bisect.bisect_right(self.starts, start) - 1
+        while k < len(self.shards) and self.starts[k] < stop:
+            base = self.starts[k]
+            if start < base:
+                out.append(np.array([base], np.int64))
+            ends = self._map(k, DOCS)
+            lo, hi = np.searchsorted(ends, [start - base + 1, stop - base], side="left")
+            out.append(base + np.asarray(ends[lo:hi], np.int64))
+            k += 1
+        found = np.concatenate(out) if out else np.zeros(0, np.int64)
+        return np.unique(found[(found > start) & (found < stop)])
 
     def document_lengths(self) -> np.ndarray:
         """Tokens of every document (EOS included), from the index: O(documents) memory."""

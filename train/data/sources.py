@@ -21,7 +21,8 @@ def resolve_source(name: str, dataset_config: str = "") -> tuple[str, dict]:
         key = name.split(":", 1)[1]
         if key not in BUILTIN_DATASETS:
             raise ConfigError(f"unknown built-in dataset {name!r}; allowed: {', '.join('builtin:' + k for k in BUILTIN_DATASETS)}")
-        return "text", {"data_files": {"train": str(BUILTIN_DATASETS[key])}}
+        path = BUILTIN_DATASETS[key]
+        return _FILE_BUILDERS[path.suffix.lower()], {"data_files": {"train": str(path)}}
     p = Path(name)
     if p.is_dir():
         files = data_files(p)

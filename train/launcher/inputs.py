@@ -126,6 +126,9 @@ def check_data(cfg: RunConfig, tokenizer, global_batch: int) -> None:
     from train.data import build_splits, check_splits
     from train.launcher.cpus import available_cpus
 
+    from train.data.packing import check_attention, planned
+
+    check_attention(planned(cfg.data), cfg.model)  # before preparing anything
     splits = build_splits(cfg.data, tokenizer, cfg.seed, workers=cfg.data.prepare_workers or available_cpus())
     check_splits(splits, cfg.data, global_batch)
 

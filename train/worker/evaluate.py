@@ -21,10 +21,7 @@ from typing import Callable
 import torch
 
 from train.data import collate
-
-IGNORE_INDEX = -100
-# What a batch may hand the model; the rest ("index", the ledger's sample id) is not a model input.
-MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids")
+from train.data.packing import IGNORE_INDEX, model_inputs
 
 
 def blocks_to_read(n_blocks: int, eval_tokens: int, seq_len: int) -> int:
@@ -47,7 +44,7 @@ def _batch(ds, ids: list[int | None], device) -> dict:
         it = dict(ds[0 if i is None else i])
         if i is None:  # a stand-in keeps the shapes; it adds no loss and no tokens
             it["labels"] = torch.full_like(it["labels"], IGNORE_INDEX)
-        items.append({k: v for k, v in it.items() if k in MODEL_INPUTS})
+        items.append(model_inputs(it))
     return {k: v.to(device) for k, v in collate(items).items()}
 
 

@@ -25,6 +25,7 @@ from train.checkpoint.saver import Checkpointer, TrainState
 from train.config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
 from train.config.exitcodes import OK, OUT_OF_MEMORY, PREEMPTED, Exit
 from train.config.strategies import GRADS, OPTIM, PARAMS, Strategy
+from train.data.packing import IGNORE_INDEX, model_inputs
 from train.flops import device_peak_flops, flops_per_token
 from train.memory import held_bytes
 from train.progress import ENV_DEVICE
@@ -45,8 +46,6 @@ from train.worker.model import build_model, is_preset, load_tokenizer, model_con
 from train.worker.preemption import StopSignal
 from train.worker.rollback import SpikeGuard
 from train.worker.tracking import start_trackers
-
-IGNORE_INDEX = -100
 
 
 def build_optimizer(model, cfg: RunConfig, device: str):
@@ -98,7 +97,7 @@ def forward_backward(model, micro: list[dict], acc, waiting=nullcontext) -> torc
         with acc.accumulate(model):
             # Keep the loss only: the output's logits (micro-batch x seq_len x vocab) are freed
             # before the backward pass instead of held through it.
-            loss = model(input_ids=b["input_ids"], labels=b["labels"], num_items_in_batch=items).loss
+            loss = model(**model_inputs(b), num_items_in_batch=items).loss
             acc.backward(loss)
         total += loss.detach()
     return total
@@ -189,8 +188,11 @@ def setup(cfg: RunConfig) -> Run:
     full = HeldBytes(parameters=ddp[PARAMS], gradients=ddp_trained[GRADS], optimizer=ddp_trained[OPTIM])
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
+    if splits.chat_template:  # the export's tokenizer renders conversations the way training did
+        tokenizer.chat_template = splits.chat_template
     if acc.is_main_process:
         print(f"[train] data: {splits.described}", flush=True)
+        print(f"[train] sequences: {splits.packing_line}", flush=True)
     sampler = data_mod.GlobalCursorSampler(len(splits.train), global_batch, cfg.seed, splits.train)
     loader = data_mod.train_loader(splits.train, sampler, cfg.train.micro_batch, cfg.data)
     evals = splits.eval_sets  # not a prepared DataLoader: its rank shares would repeat blocks (evaluate.py)

@@ -83,8 +83,12 @@ def model_config(cfg: ModelConfig, vocab_size: int | None = None):
     if is_preset(cfg.name):
         # Round the vocabulary up to a multiple of 64 (tensor-core friendly; FSDP shards evenly).
         vocab = -(-(vocab_size or 640) // 64) * 64
+        # BOS/EOS are the tokenizer's (LlamaConfig's own 1/2 would make `generate` run past the EOS
+        # that ends a chat reply); pad stays unset: it would change the embedding's init.
+        tok = load_tokenizer(cfg)
         return LlamaConfig(vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=False,
-                           attention_dropout=0.0, rms_norm_eps=1e-5, **preset_sizes(cfg))
+                           attention_dropout=0.0, rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, **preset_sizes(cfg))
     preset_sizes(cfg)  # refuses size overrides for a non-preset
     try:
         return AutoConfig.from_pretrained(cfg.name, token=hf_token(), trust_remote_code=cfg.trust_remote_code)
