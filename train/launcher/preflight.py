@@ -60,6 +60,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
+from train.storage import location, work_dir
 from train.config import ConfigError, RunConfig, exitcodes, selected_strategy
 from train.memory import human
 
@@ -171,7 +172,7 @@ def conclude(report: Report, cfg: RunConfig, spec) -> None:
     """Table and JSON on node 0, the failures on every node; exit PREFLIGHT if any check failed."""
     if spec.node_rank == 0:
         print(report.table(), flush=True)
-        path = Path(cfg.output_dir) / JSON_NAME
+        path = work_dir(cfg) / JSON_NAME
         try:
             path.write_text(json.dumps(report.to_json(), indent=1) + "\n")
         except OSError as e:
@@ -383,7 +384,7 @@ def _permission_fix(what: str) -> str:
 
 
 def _output_dir_writable(cfg: RunConfig) -> Check:
-    path = Path(cfg.output_dir)
+    path = work_dir(cfg)  # OUTPUT_DIR, or the scratch a URL's checkpoints are staged in
     err = _try_write(path)
     if err is None:
         return Check("output-dir", f"{path} writable", "writable", OK)
@@ -417,7 +418,7 @@ def _disk(cfg: RunConfig, writable: bool) -> Check:
     except (ConfigError, OSError, ValueError) as e:
         return Check("disk", "checkpoint size unknown", f"{n} checkpoints", SKIP, f"the planner could not size the model: {e}")
     need = n * one
-    free = shutil.disk_usage(_existing(Path(cfg.output_dir))).free
+    free = shutil.disk_usage(_existing(work_dir(cfg))).free
     threshold = f">= {human(need)} = {need} bytes ({n} checkpoints x {human(one)})"
     value = f"{human(free)} = {free} bytes free"
     if free >= need:
@@ -546,11 +547,11 @@ def _connect(cfg: RunConfig, spec, port: int):
 
 def _shared_storage(cfg: RunConfig, group: _Group, hosts: dict) -> list[Check]:
     """Every node writes a nonce file into OUTPUT_DIR; every node must read everyone's."""
-    out, me, n = Path(cfg.output_dir), group.me, group.n
+    out, me, n = location(cfg.output_dir), group.me, group.n  # a bucket too: every node must read and write it
     tag = group.share("tag", uuid.uuid4().hex[:12])[0]  # node 0's names this launch's files
     nonce = uuid.uuid4().hex
 
-    def path(j: int) -> Path:
+    def path(j: int):
         return out / f".preflight-{tag}-node{j}"
 
     try:

@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from train.storage import work_dir
 from train.config import RunConfig, exitcodes
 from train.config.exitcodes import CONFIG, FAILED, HANG, OK, PREEMPTED, REPEATED_FAILURE, describe
 from train.launcher import hang, hang_verdict
@@ -84,7 +85,7 @@ class Supervisor:
     def _flight_recorder_env(self, directory: Path) -> dict[str, str]:
         """NCCL's flight recorder: collectives' history per rank, dumped into the run directory
         on a collective timeout, or on demand through a pipe (written by _dump_nccl)."""
-        hangs = Path(self.cfg.output_dir) / hang.HANGS
+        hangs = work_dir(self.cfg) / hang.HANGS
         hangs.mkdir(parents=True, exist_ok=True)
         prefix = str(hangs / "nccl_trace_rank_")
         return {k: os.environ.get(k, v) for k, v in {
@@ -171,13 +172,13 @@ class Supervisor:
         if self.device == "cuda":
             self._dump_nccl(directory, [r["rank"] for r in records])
             time.sleep(2)  # let the flight recorder write
-        folder = hang.dump(records, self.cfg.output_dir, self.node_rank, idle)
+        folder = hang.dump(records, str(work_dir(self.cfg)), self.node_rank, idle)
         # Kill only once every node has dumped (bounded): a node killing its workers early makes
         # the others' ranks fail out of the collective they were caught in before their dump.
-        hang.wait_for_dumps(self.cfg.output_dir, self.world, REPORT_WAIT_S)
+        hang.wait_for_dumps(str(work_dir(self.cfg)), self.world, REPORT_WAIT_S)
         self._kill(cur)
         if self.node_rank == 0:
-            print(hang_verdict.report(self.cfg.output_dir), flush=True)
+            print(hang_verdict.report(str(work_dir(self.cfg))), flush=True)
         return HANG, (f"no rank made progress for {idle:.0f} s; stacks in {folder} "
                       f"(python -m train hang-report {self.cfg.output_dir}); RESUME=auto continues from the last checkpoint")
 
