@@ -53,8 +53,8 @@ def filesystem(url: str):
         package = PACKAGES.get(protocol)
         hint = f"install {package} (pip install {package})" if package else "no fsspec filesystem handles it"
         raise ConfigError(f"{url!r}: the {protocol}:// protocol is not available here; {hint} ({e})") from None
-    options = {"use_listings_cache": False, "skip_instance_cache": False} if protocol in ("s3", "s3a") else {}
-    fs = cls(**options)
+    options = {"use_listings_cache": False} if protocol in ("s3", "s3a") else {}
+    fs = cls(skip_instance_cache=True, **options)  # credentials as the environment has them now
     return fs, cls._strip_protocol(url)
 
 

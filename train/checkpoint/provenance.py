@@ -168,6 +168,13 @@ def data_identity(cfg: DataConfig, deep: bool = False) -> dict[str, Any]:
         total = hashlib.sha256("".join(f"{n}\0{d.get('sha256')}\0" for n, d in parts).encode())
         return {"source": cfg.mixture, "kind": "mixture", "sha256": total.hexdigest(),
                 "files": {f"{n}/{rel}": h for n, d in parts for rel, h in (d.get("files") or {}).items()}}
+    from train.storage import is_remote
+
+    if is_remote(cfg.dataset):  # a prepared directory in a bucket: its manifest holds every shard's sha256
+        from train.data.remote import read_remote_manifest
+
+        blob = read_remote_manifest(cfg.dataset)
+        return {"source": cfg.dataset, "kind": "prepared", "sha256": hashlib.sha256(blob).hexdigest(), "files": None}
     if is_prepared(Path(cfg.dataset)):
         return _prepared_identity(Path(cfg.dataset), deep)
     else:
