@@ -179,22 +179,19 @@ def test_two_gangs_on_one_prefix_leave_one_owner_and_the_other_exits_superseded(
             assert manifest["generation"] == second, f"{name} was committed by the superseded gang"
 
 
-def test_two_claims_at_once_both_land_and_the_last_one_owns_the_run(s3):
+def test_two_claims_at_once_both_land_and_the_last_one_owns_the_run(s3, monkeypatch):
     """The claim is a compare-and-swap on generation.json (If-Match / If-None-Match): a claim
     that lost the race against another writes over it, never beside it."""
-    import os
-
     from train.checkpoint.lock import claim_run, current_owner
-    from train.storage import RemotePath, read_with_tag, write_if
+    from train.storage import PreconditionFailed, RemotePath, read_with_tag, write_if
 
     s3.bucket("claim-bucket")
-    os.environ.update(s3.env())
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
     first = claim_run("s3://claim-bucket/run", 2)
     record = RemotePath("s3://claim-bucket/run/generation.json")
     _, seen = read_with_tag(record)
     second = claim_run("s3://claim-bucket/run", 2)  # lands between our read and our write below
-    from train.storage import PreconditionFailed
-
     with pytest.raises(PreconditionFailed):
         write_if(record, b'{"generation": "stale"}', seen)
     with pytest.raises(PreconditionFailed):

@@ -95,6 +95,7 @@ class Checkpointer:
         self.generation: str | None = None  # set by claim_and_find_resume; None = no ownership checks
         self.background = AsyncWriter(cfg, accelerator) if cfg.checkpoint.async_save else None
         self._pending: _Pending | None = None  # an asynchronous save not yet complete
+        self.upload_s: float | None = None  # object storage: how long the last completed save's upload took
         self.saved_step = 0  # the step the newest checkpoint holds (saved, or loaded by resume/rollback)
 
     def due(self, step: int) -> bool:
@@ -156,7 +157,8 @@ class Checkpointer:
         else:
             self._complete(pending)
         if log is not None:
-            log.log({"step": state.step, "checkpoint_stall_s": time.perf_counter() - t0})
+            uploaded = {"checkpoint_upload_s": self.upload_s} if self.remote and self.background is None else {}
+            log.log({"step": state.step, "checkpoint_stall_s": time.perf_counter() - t0, **uploaded})
         return final
 
     def finalize(self) -> Path | None:
@@ -217,6 +219,7 @@ class Checkpointer:
         import torch.distributed as dist
 
         acc, tmp, final = self.acc, pending.tmp, pending.final
+        t0 = time.perf_counter()
         files, error = {}, None
         if acc.is_local_main_process:
             try:
@@ -239,6 +242,7 @@ class Checkpointer:
         if acc.is_main_process:
             manifest = {**pending.manifest, "files": listed}
             (final / MANIFEST).write_text(json.dumps(manifest, indent=2))  # the checkpoint counts from here
+            self.upload_s = time.perf_counter() - t0  # upload, size check and manifest: part of the stall
             mirror(self.local, location(self.cfg.output_dir), MIRRORED)
             self._rotate()
         if acc.is_local_main_process:

@@ -58,7 +58,7 @@ class MetricsLog:
         line = " ".join(_fmt(k, record[k]) for k in ("step", "loss", "eval_loss", "lr", "grad_norm", "loss_scale",
                                                        "skipped_steps",
                                                        "tokens_per_second", "mfu", "step_time_s", "peak_memory_mb",
-                                                       "checkpoint_stall_s") if k in record)
+                                                       "checkpoint_stall_s", "checkpoint_upload_s") if k in record)
         if self.bar is not None:
             self.bar.n = record["step"]
             self.bar.set_postfix_str(line, refresh=True)
