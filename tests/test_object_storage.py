@@ -63,23 +63,36 @@ def checkpoints(s3, bucket: str, prefix: str) -> tuple[list[str], list[str]]:
     return complete, sorted(dirs - set(complete))
 
 
-# -- save, kill mid-upload, resume ------------------------------------------------------------------
+# -- save, kill mid-upload, resume; the data from the bucket -----------------------------------------
 @pytest.fixture(scope="module")
-def resumed(s3, tmp_path_factory):
-    """A 2-rank ZeRO-2 run on s3://ckpt-bucket/run, SIGKILLed (the whole job) after two objects of
-    the step-4 checkpoint were uploaded, then resumed; and the same run on a local disk."""
+def corpus(s3, tmp_path_factory):
+    """A prepared corpus on disk and the same files uploaded to s3://data-bucket/corpus."""
+    prepared = tmp_path_factory.mktemp("data") / "prepared"
+    prepare_cli(prepared, "builtin:tiny-stories", **{"data.shard_tokens": 40_000})
+    s3.bucket("data-bucket")
+    for f in sorted(prepared.iterdir()):
+        s3.client().put_object(Bucket="data-bucket", Key=f"corpus/{f.name}", Body=f.read_bytes())
+    return prepared
+
+
+@pytest.fixture(scope="module")
+def resumed(s3, corpus, tmp_path_factory):
+    """A 2-rank ZeRO-2 run on s3://ckpt-bucket/run reading s3://data-bucket/corpus, SIGKILLed (the
+    whole job) after two objects of the step-4 checkpoint were uploaded, then resumed; and the same
+    run with the corpus and OUTPUT_DIR on a local disk."""
     tmp = tmp_path_factory.mktemp("s3run")
     reference = tmp / "local"
-    train(reference, **RUN, **{"checkpoint.export": "false"})
+    train(reference, DATASET=str(corpus), **RUN, **{"checkpoint.export": "false"})
     s3.bucket("ckpt-bucket")
-    out = "s3://ckpt-bucket/run"
-    killed = run(s3, out, tmp=tmp, check=False, env={"TRAIN_FAILPOINTS": "kill_in_upload=4:2"}, **RUN)
+    out, data = "s3://ckpt-bucket/run", {"DATASET": "s3://data-bucket/corpus", "DATA_CACHE": str(tmp / "cache")}
+    killed = run(s3, out, tmp=tmp, check=False, env={"TRAIN_FAILPOINTS": "kill_in_upload=4:2"}, **data, **RUN)
     after_kill = checkpoints(s3, "ckpt-bucket", "run")
     # Debris of some other cut-short upload: resume must ignore it, the next good save removes it.
     s3.client().put_object(Bucket="ckpt-bucket", Key="run/checkpoints/step_00000099/latest", Body=b"x")
-    # A fresh scratch: the resuming node has nothing of the first one's files.
-    again = run(s3, out, tmp=tmp / "node2", RESUME="auto", **RUN)
-    return {"reference": read_metrics(reference), "killed": killed, "after_kill": after_kill, "resumed": again}
+    # A fresh scratch: the resuming node has none of the first one's checkpoint files (its data cache stays).
+    again = run(s3, out, tmp=tmp / "node2", RESUME="auto", **data, **RUN)
+    return {"reference": read_metrics(reference), "killed": killed, "after_kill": after_kill, "resumed": again,
+            "cache": tmp / "cache"}
 
 
 def test_a_kill_mid_upload_leaves_the_previous_checkpoint_and_resume_continues_bitwise(s3, resumed):
@@ -213,30 +226,16 @@ def test_a_missing_bucket_or_one_that_denies_writes_is_one_line_before_launch(s3
 
 
 # -- data shards from the bucket --------------------------------------------------------------------
-def test_prepared_shards_train_from_the_bucket_through_a_node_local_cache(s3, tmp_path):
-    prepared = tmp_path / "prepared"
-    prepare_cli(prepared, "builtin:tiny-stories", **{"data.shard_tokens": 40_000})
-    s3.bucket("data-bucket")
-    for f in sorted(prepared.iterdir()):
-        s3.client().put_object(Bucket="data-bucket", Key=f"corpus/{f.name}", Body=f.read_bytes())
-    steps = {"STRATEGY": "ddp", "MAX_STEPS": 3, "CHECKPOINT_EVERY": 0, "checkpoint.export": "false"}
-    local = train(tmp_path / "local", DATASET=str(prepared), **steps)
-    cache = tmp_path / "cache"
-    remote = run(s3, str(tmp_path / "remote"), DATASET="s3://data-bucket/corpus", DATA_CACHE=str(cache), **steps)
-    assert "fetching DATASET='s3://data-bucket/corpus'" in remote.stdout
-    a, b = read_metrics(tmp_path / "local"), read_metrics(tmp_path / "remote")
-    assert [r["sample_hash"] for r in b] == [r["sample_hash"] for r in a] and [r["loss"] for r in b] == [
-        r["loss"] for r in a]
-    entry, = (cache / "remote").glob("corpus-*[!k]")  # (not the .lock)
-    assert sorted(f.name for f in entry.iterdir() if not f.name.endswith(".json")) == sorted(
-        f.name for f in prepared.iterdir() if not f.name.endswith(".json"))
-    assert local.returncode == 0
-    # Once fetched, a node reads its cache; a corpus larger than the cache's bound is refused.
-    again = run(s3, str(tmp_path / "remote2"), DATASET="s3://data-bucket/corpus", DATA_CACHE=str(cache),
-                **{**steps, "MAX_STEPS": 1})
-    assert "fetching" not in again.stdout
-    small = run(s3, str(tmp_path / "remote3"), DATASET="s3://data-bucket/corpus", DATA_CACHE=str(tmp_path / "c2"),
-                DATA_REMOTE_CACHE_GB="0.0001", check=False, **steps)
+def test_prepared_shards_train_from_the_bucket_through_a_node_local_cache(s3, corpus, resumed, tmp_path):
+    """The run above read its corpus from the bucket: fetched once into the node's cache (the same
+    bytes as on disk), and its losses and samples matched the run reading the disk (checked above)."""
+    assert "fetching DATASET='s3://data-bucket/corpus'" in resumed["killed"].stdout
+    assert "fetching" not in resumed["resumed"].stdout  # the node's cache already holds it
+    entry, = [d for d in (resumed["cache"] / "remote").iterdir() if d.is_dir()]
+    assert {f.name: f.read_bytes() for f in entry.iterdir()} == {f.name: f.read_bytes() for f in corpus.iterdir()}
+    # A corpus larger than the cache's bound is refused before launch.
+    small = run(s3, str(tmp_path / "out"), DATASET="s3://data-bucket/corpus", DATA_CACHE=str(tmp_path / "c"),
+                DATA_REMOTE_CACHE_GB="0.0001", check=False, **RUN)
     assert_refused(small, "DATA_REMOTE_CACHE_GB=0.0001", "s3://data-bucket/corpus")
 
 

@@ -50,14 +50,17 @@ def fetch_corpus(url: str, cfg: DataConfig, what: str = "DATASET", log=print) ->
     from train.data.prepare import _locked
 
     blob = read_remote_manifest(url, what)
-    manifest = json.loads(blob)
+    try:
+        json.loads(blob)
+    except ValueError as e:
+        raise ConfigError(f"{what}={url!r}: its {MANIFEST} is not JSON ({e}); upload the prepared directory again") from None
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", url.rstrip("/").rsplit("/", 1)[-1])[:40]
     key = hashlib.sha256(url.encode() + b"\0" + blob).hexdigest()[:16]
     entry = remote_cache_root(cfg) / f"{slug}-{key}"
     if not is_prepared(entry):
         with _locked(entry.with_name(entry.name + ".lock"), log):
             if not is_prepared(entry):
-                _fetch(RemotePath(url), entry, manifest, cfg, what, log)
+                _fetch(RemotePath(url), entry, blob, cfg, what, log)
     os.utime(entry)  # last use, for the least-recently-used eviction
     return entry
 
@@ -75,7 +78,8 @@ def _files(manifest: dict) -> list[tuple[str, int, str | None]]:
     return out
 
 
-def _fetch(root: RemotePath, entry: Path, manifest: dict, cfg: DataConfig, what: str, log) -> None:
+def _fetch(root: RemotePath, entry: Path, blob: bytes, cfg: DataConfig, what: str, log) -> None:
+    manifest = json.loads(blob)
     files = _files(manifest)
     need = sum(size for _, size, _ in files)
     limit = int(cfg.remote_cache_gb * 1e9)
@@ -102,9 +106,14 @@ def _fetch(root: RemotePath, entry: Path, manifest: dict, cfg: DataConfig, what:
                               f"expected {size}{'' if digest is None else ', or another sha256'}); upload the "
                               "prepared directory again")
         os.replace(part, target)
-    for s in manifest["shards"]:
-        write_json(entry / f"{s['name']}.json", s)
-    write_json(entry / MANIFEST, manifest)  # last: from here the entry counts as fetched
+    for s in manifest["shards"]:  # each shard's record as uploaded; rebuilt from the manifest if absent
+        try:
+            root.fs.get_file((root / f"{s['name']}.json").key, str(entry / f"{s['name']}.json"))
+        except FileNotFoundError:
+            write_json(entry / f"{s['name']}.json", s)
+    tmp = entry / f".tmp-{MANIFEST}"
+    tmp.write_bytes(blob)  # the bucket's bytes: the entry's name holds their hash
+    os.replace(tmp, entry / MANIFEST)  # last: from here the entry counts as fetched
 
 
 def _make_room(entry: Path, need: int, limit: int, log) -> None:
