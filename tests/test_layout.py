@@ -20,7 +20,7 @@ import pytest
 from helpers import REPO
 
 PACKAGE = REPO / "train"
-LEAVES = {"train.progress", "train.memory", "train.flops", "train.corpus"}
+LEAVES = {"train.progress", "train.memory", "train.flops", "train.corpus", "train.storage"}
 # (importer prefix, what it may not import)
 RULES = [
     ("train.config", ("train.",), ("train.config",)),

@@ -11,6 +11,7 @@ every public name of them.
 - ``gpu``: a fake `nvidia-smi`, a fake CUDA that logs who creates a context, fp16 loss scaling in one process.
 - ``flight``: real flight-recorder dumps from gloo ranks (the format of NCCL's hang dumps).
 - ``slurm``: a real slurmctld and two slurmd on this host (SlurmCluster).
+- ``s3``: a real S3 API server (moto_server) with IAM users, for object storage (start_s3).
 - ``data``: generated corpora, `python -m train prepare` (write_docs, prepare_cli, dir_bytes).
 """
 
@@ -23,5 +24,6 @@ from helpers.jobs import *  # noqa: F403 - first: sets HF_HUB_OFFLINE before any
 from helpers.k8s import *  # noqa: F403
 from helpers.pods import *  # noqa: F403
 from helpers.refusals import *  # noqa: F403
+from helpers.s3 import *  # noqa: F403
 from helpers.slurm import *  # noqa: F403
 from helpers.versions import *  # noqa: F403

@@ -37,6 +37,7 @@ from train.checkpoint.portable import (
 )
 from train.config import ConfigError
 from train.config.strategies import STRATEGIES
+from train.storage import RemotePath, location
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,12 +46,29 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _checked(path: str) -> tuple[Path, dict]:
-    ckpt = Path(path)
+    """A complete checkpoint as a local directory: one at an object store URL is downloaded first."""
+    ckpt = location(path)
     if not (ckpt / MANIFEST).is_file():
         raise ConfigError(f"{str(ckpt)!r} is not a complete checkpoint (no {MANIFEST})")
     manifest = read_manifest(ckpt)
     check_files(manifest, ckpt)
+    if isinstance(ckpt, RemotePath):
+        from train.checkpoint.remote import fetch_checkpoint
+
+        ckpt = fetch_checkpoint(ckpt)
     return ckpt, manifest
+
+
+def _local_out(out: str) -> Path:
+    """Where the tool writes: OUTPUT itself, or for a URL a scratch directory published after."""
+    if not isinstance(location(out), RemotePath):
+        return Path(out)
+    import tempfile
+
+    from train.storage import scratch_root
+
+    scratch_root().mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="out-", dir=scratch_root())) / location(out).name
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -121,9 +139,13 @@ def main(cmd: str, argv: list[str]) -> None:
         raise ConfigError(f"--to {args.to!r} is not a strategy; choose one of {', '.join(STRATEGIES)}")
     if cmd == "convert" and args.world_size is not None and args.world_size < 1:
         raise ConfigError(f"--world-size {args.world_size} must be at least 1")
+    from train.checkpoint.remote import publish_checkpoint, publish_export
+
     ckpt, manifest = _checked(args.checkpoint)
+    out = _local_out(args.out)
     if cmd == "export":
-        print(f"[export] {export(ckpt, Path(args.out))} (load with AutoModelForCausalLM.from_pretrained)")
+        written = publish_export(export(ckpt, out), location(args.out))
+        print(f"[export] {written} (load with AutoModelForCausalLM.from_pretrained)")
         return
-    out = convert(ckpt, manifest, Path(args.out), args.to, args.world_size)
-    print(f"[convert] {out}: resume it with STRATEGY={args.to} RESUME={out}")
+    written = publish_checkpoint(convert(ckpt, manifest, out, args.to, args.world_size), location(args.out))
+    print(f"[convert] {written}: resume it with STRATEGY={args.to} RESUME={written}")

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from train.config import ConfigError, RunConfig
+from train.storage import RemotePath, location
 
 MANIFEST = "manifest.json"
 PREFIX = "step_"
@@ -32,26 +33,41 @@ def versions() -> dict[str, str]:
     return out
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints (manifest present), oldest first."""
-    if not root.is_dir():
+def complete_checkpoints(root: Path | RemotePath) -> list[Path | RemotePath]:
+    """Complete checkpoints (manifest present), oldest first. On object storage a directory
+    without its manifest is an upload in progress or one a kill cut short: never counted."""
+    if isinstance(root, RemotePath):
+        names = {rel.split("/")[0] for rel in root.sizes() if rel.count("/") == 1 and rel.endswith("/" + MANIFEST)}
+        found = [root / n for n in names if n.startswith(PREFIX)]
+    elif not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MANIFEST).is_file()]
+    else:
+        found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def read_manifest(path: Path) -> dict:
+def partial_checkpoints(root: RemotePath) -> list[RemotePath]:
+    """Checkpoint directories on object storage that have objects but no manifest (cut-short uploads)."""
+    tops: dict[str, bool] = {}
+    for rel in root.sizes():
+        top = rel.split("/")[0]
+        if top.startswith(PREFIX) and "/" in rel:
+            tops[top] = tops.get(top, False) or rel == f"{top}/{MANIFEST}"
+    return [root / n for n, complete in sorted(tops.items()) if not complete]
+
+
+def read_manifest(path: Path | RemotePath) -> dict:
     try:
         return json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"checkpoint {str(path)!r} has an unreadable manifest ({e}); remove it or pick another") from None
 
 
-def checkpoint_root(cfg: RunConfig) -> Path:
-    return Path(cfg.output_dir) / "checkpoints"
+def checkpoint_root(cfg: RunConfig) -> Path | RemotePath:
+    return location(cfg.output_dir) / "checkpoints"
 
 
-def find_resume(cfg: RunConfig, world_size: int) -> Path | None:
+def find_resume(cfg: RunConfig, world_size: int) -> Path | RemotePath | None:
     """The checkpoint to resume from, checked against this run; None = start fresh.
 
     Runs in the launcher too, so a checkpoint from a different run is refused before any
@@ -64,7 +80,7 @@ def find_resume(cfg: RunConfig, world_size: int) -> Path | None:
             raise ConfigError(f"OUTPUT_DIR {cfg.output_dir!r} already holds checkpoints ({existing[-1].name}); "
                               "use RESUME=auto to continue, or another OUTPUT_DIR")
         return None
-    path = (existing[-1] if existing else None) if mode == "auto" else Path(mode)
+    path = (existing[-1] if existing else None) if mode == "auto" else location(mode)
     if path is None:
         return None
     if not (path / MANIFEST).is_file():
@@ -75,11 +91,12 @@ def find_resume(cfg: RunConfig, world_size: int) -> Path | None:
     return path
 
 
-def check_files(manifest: dict, path: Path) -> None:
+def check_files(manifest: dict, path: Path | RemotePath) -> None:
     """Every file the manifest lists is there with its recorded size (catches truncation early)."""
+    listed = path.sizes() if isinstance(path, RemotePath) else None  # one listing, not a request per file
     for rel, size in manifest.get("files", {}).items():
         f = path / rel
-        actual = f.stat().st_size if f.is_file() else None
+        actual = listed.get(rel) if listed is not None else f.stat().st_size if f.is_file() else None
         if actual != size:
             state = "missing" if actual is None else f"{actual} bytes, expected {size}"
             raise ConfigError(f"checkpoint {str(path)!r} is damaged: {rel} is {state}; remove this checkpoint to "

@@ -168,6 +168,12 @@ def data_identity(cfg: DataConfig, deep: bool = False) -> dict[str, Any]:
         total = hashlib.sha256("".join(f"{n}\0{d.get('sha256')}\0" for n, d in parts).encode())
         return {"source": cfg.mixture, "kind": "mixture", "sha256": total.hexdigest(),
                 "files": {f"{n}/{rel}": h for n, d in parts for rel, h in (d.get("files") or {}).items()}}
+    from train.storage import is_remote
+
+    if is_remote(cfg.dataset):  # a prepared directory in a bucket: its manifest holds every shard's sha256
+        from train.data.remote import read_remote_manifest
+
+        return _manifest_identity(read_remote_manifest(cfg.dataset), cfg.dataset, None)  # (verify: the recorded hashes)
     if is_prepared(Path(cfg.dataset)):
         return _prepared_identity(Path(cfg.dataset), deep)
     else:
@@ -192,14 +198,18 @@ def data_identity(cfg: DataConfig, deep: bool = False) -> dict[str, Any]:
 def _prepared_identity(path: Path, deep: bool) -> dict[str, Any]:
     from train.data.shards import MANIFEST
 
-    raw = (path / MANIFEST).read_bytes()
+    return _manifest_identity((path / MANIFEST).read_bytes(), str(path), path if deep else None)
+
+
+def _manifest_identity(raw: bytes, source: str, rehash: Path | None) -> dict[str, Any]:
+    """A prepared corpus's identity from its manifest; with ``rehash``, its files hashed again there."""
     manifest = json.loads(raw)
     suffixes = {key: spec["suffix"] for key, spec in manifest["arrays"].items()}
     recorded = {shard["name"] + suffixes[key]: digest for shard in manifest["shards"]
                 for key, digest in shard.get("sha256", {}).items()}
-    files = {rel: (_file_sha256(path / rel) if deep else digest) for rel, digest in recorded.items()}
+    files = {rel: (_file_sha256(rehash / rel) if rehash else digest) for rel, digest in recorded.items()}
     listed = dict(list(files.items())[:MAX_LISTED_FILES])
-    return {"source": str(path), "kind": "prepared", "sha256": hashlib.sha256(raw).hexdigest(),
+    return {"source": source, "kind": "prepared", "sha256": hashlib.sha256(raw).hexdigest(),
             "content_sha256": hashlib.sha256("".join(f"{k}\0{v}\0" for k, v in sorted(files.items())).encode()).hexdigest(),
             "tokens": sum(shard["tokens"] for shard in manifest["shards"]), "files": listed}
 

@@ -13,7 +13,12 @@ id to ``OUTPUT_DIR/generation.json`` and picks the checkpoint to resume; every r
 from it (ranks that list the directory themselves can see different newest steps on NFS
 right after a rename). Before each save and before each rename the gang checks that the
 generation is still its own; an older gang that finds it was superseded (a resubmitted Job
-whose old pods are still terminating) writes nothing more and exits 8 (SUPERSEDED)."""
+whose old pods are still terminating) writes nothing more and exits 8 (SUPERSEDED).
+
+With OUTPUT_DIR at an object store URL (train/storage.py) the same rule holds without a rename:
+every rank writes to ``.tmp-step_N`` in node-local scratch, each node's first rank uploads its
+files to ``checkpoints/step_N/``, rank 0 confirms every object's size in one listing and writes
+the manifest last. Resume downloads the chosen checkpoint to scratch once per node."""
 
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from train.checkpoint.layout import (
     complete_checkpoints,
     conversion,
     fsync_dir,
+    partial_checkpoints,
     read_manifest,
     versions,
     write_durably,
@@ -46,7 +52,11 @@ from train.checkpoint.layout import (
 from train.checkpoint.lock import agree_resume, current_owner
 from train.config import ConfigError, RunConfig
 from train.config.exitcodes import SUPERSEDED
+from train.storage import RemotePath, download, local_dir, location, mirror, upload, verify
 from train.worker import failpoints
+
+# Files of OUTPUT_DIR's top level that a remote run keeps in scratch and copies up at each save.
+MIRRORED = ("metrics.jsonl", "final_probe.pt")
 
 
 @dataclass
@@ -67,7 +77,7 @@ class _Pending:
     """A save whose files are (being) written: completed by ``Checkpointer._complete``."""
 
     tmp: Path
-    final: Path
+    final: Path | RemotePath
     step: int
     manifest: dict  # rank 0's, taken when the save started ("files" is added on completion)
     writes: list = field(default_factory=list)  # futures of background writes (checkpoint.async_save)
@@ -77,9 +87,15 @@ class Checkpointer:
     def __init__(self, cfg: RunConfig, accelerator, extra_manifest: dict):
         self.cfg, self.acc, self.extra = cfg, accelerator, extra_manifest
         self.root = checkpoint_root(cfg)
+        self.remote = isinstance(self.root, RemotePath)
+        # Where files are written before they count: beside the checkpoints on a disk (renamed
+        # into place), node-local scratch for an object store (uploaded from there).
+        self.local = local_dir(cfg.output_dir, cfg.checkpoint.scratch_dir)
+        self.staging = self.local / "checkpoints" if self.remote else self.root
         self.generation: str | None = None  # set by claim_and_find_resume; None = no ownership checks
         self.background = AsyncWriter(cfg, accelerator) if cfg.checkpoint.async_save else None
         self._pending: _Pending | None = None  # an asynchronous save not yet complete
+        self.upload_s: float | None = None  # object storage: how long the last completed save's upload took
         self.saved_step = 0  # the step the newest checkpoint holds (saved, or loaded by resume/rollback)
 
     def due(self, step: int) -> bool:
@@ -115,12 +131,14 @@ class Checkpointer:
         # Not per generation: a newer gang resumes from a step the older one already saved, so
         # both writing one step's temp dir at once would take a save longer than the newer
         # gang's start-up plus the steps in between; the checks below stop the older first.
-        tmp = self.root / f"{TMP_PREFIX}{final.name}"
+        tmp = self.staging / f"{TMP_PREFIX}{final.name}"
         self._step_aside_if_superseded(None)
-        if acc.is_main_process:
-            self.root.mkdir(parents=True, exist_ok=True)
+        if acc.is_main_process if not self.remote else acc.is_local_main_process:  # scratch: one per node
+            self.staging.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crash
             tmp.mkdir()
+        if self.remote and acc.is_main_process and final.exists():
+            final.rmtree()  # the same step saved again: its objects are replaced whole, manifest first gone
         acc.wait_for_everyone()
         pending = _Pending(tmp, final, state.step, self._manifest(state) if acc.is_main_process else {})
         error = None
@@ -139,7 +157,8 @@ class Checkpointer:
         else:
             self._complete(pending)
         if log is not None:
-            log.log({"step": state.step, "checkpoint_stall_s": time.perf_counter() - t0})
+            uploaded = {"checkpoint_upload_s": self.upload_s} if self.remote and self.background is None else {}
+            log.log({"step": state.step, "checkpoint_stall_s": time.perf_counter() - t0, **uploaded})
         return final
 
     def finalize(self) -> Path | None:
@@ -170,15 +189,18 @@ class Checkpointer:
         if not self._any_rank(error is not None):
             return
         # A full disk surfaces as obscure stream errors from torch.save; say how much room is left.
-        free = shutil.disk_usage(self.root).free / 2**20
+        free = shutil.disk_usage(self.staging).free / 2**20
         raise RuntimeError(f"checkpoint save to {tmp} failed on at least one rank"
                            + (f": {error}" if error else "; see the other ranks' logs")
-                           + f" ({free:.1f} MiB free at {self.root}); the previous checkpoint is intact") from error
+                           + f" ({free:.1f} MiB free at {self.staging}); the previous checkpoint is intact") from error
 
     def _complete(self, pending: _Pending) -> None:
         """The written files become checkpoint step_N: manifest last, rename, rotation."""
         acc, tmp, final = self.acc, pending.tmp, pending.final
         failpoints.in_save(pending.step)
+        if self.remote:
+            self._complete_remote(pending)
+            return
         if acc.is_main_process:
             manifest = {**pending.manifest,
                         "files": {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}}
@@ -190,6 +212,41 @@ class Checkpointer:
             os.replace(tmp, final)
             fsync_dir(self.root)
             self._rotate()
+        acc.wait_for_everyone()
+
+    def _complete_remote(self, pending: _Pending) -> None:
+        """Object storage: upload (each node its own files), confirm sizes, manifest last, rotate."""
+        import torch.distributed as dist
+
+        acc, tmp, final = self.acc, pending.tmp, pending.final
+        t0 = time.perf_counter()
+        files, error = {}, None
+        if acc.is_local_main_process:
+            try:
+                files = upload(tmp, final, on_file=lambda n: failpoints.in_upload(pending.step, n))
+            except Exception as e:  # noqa: BLE001 - agreed on below, so no rank waits alone
+                error = e
+        self._raise_if_failed(error, tmp)
+        everyone = [files]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, files)
+        if acc.is_main_process:
+            listed = {k: v for node in everyone for k, v in (node or {}).items()}
+            try:
+                verify(final, listed)
+            except RuntimeError as e:
+                error = e
+        self._raise_if_failed(error, tmp)
+        self._step_aside_if_superseded(tmp)
+        if acc.is_main_process:
+            manifest = {**pending.manifest, "files": listed}
+            (final / MANIFEST).write_text(json.dumps(manifest, indent=2))  # the checkpoint counts from here
+            self.upload_s = time.perf_counter() - t0  # upload, size check and manifest: part of the stall
+            mirror(self.local, location(self.cfg.output_dir), MIRRORED)
+            self._rotate()
+        if acc.is_local_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
 
     def _step_aside_if_superseded(self, tmp: Path | None) -> None:
@@ -219,15 +276,24 @@ class Checkpointer:
     def _rotate(self) -> None:
         done = complete_checkpoints(self.root)
         for old in done[: max(0, len(done) - self.cfg.checkpoint.keep)]:
-            shutil.rmtree(old, ignore_errors=True)
+            if isinstance(old, RemotePath):
+                (old / MANIFEST).rmtree()  # manifest first: a kill mid-delete leaves a partial, not a damaged checkpoint
+                old.rmtree()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        if self.remote:  # uploads a kill cut short (no manifest): the run's owner, after a good save, removes them
+            for debris in partial_checkpoints(self.root):
+                debris.rmtree()
 
     def _any_rank(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
         return bool(self.acc.reduce(t, "sum").item() > 0)
 
-    def load(self, path: Path) -> TrainState:
+    def load(self, path: Path | RemotePath) -> TrainState:
         self.finalize()  # never load while a save is still being written
         manifest = read_manifest(path)
+        if isinstance(path, RemotePath):
+            path = self._fetch(path, manifest)
         how = conversion(manifest, self.cfg, self.acc.num_processes)
         try:
             if how is None:
@@ -242,6 +308,21 @@ class Checkpointer:
         state = TrainState(**manifest["train_state"])
         self.saved_step = state.step
         return state
+
+    def _fetch(self, path: RemotePath, manifest: dict) -> Path:
+        """A remote checkpoint, downloaded once per node into scratch (sizes checked against its manifest)."""
+        local = self.local / "resume" / path.name
+        error = None
+        if self.acc.is_local_main_process:
+            try:
+                download(path, local, manifest.get("files", {}))
+                (local / MANIFEST).write_text(json.dumps(manifest))
+            except Exception as e:  # noqa: BLE001 - agreed on below
+                error = e
+        if self._any_rank(error is not None):
+            raise RuntimeError(f"checkpoint {path} cannot be downloaded to {local}"
+                               + (f" ({type(error).__name__}: {error})" if error else "; see the other ranks' logs"))
+        return local
 
     def _load_converted(self, path: Path, how: str) -> None:
         """Another strategy or world size: the portable form (converted once, on rank 0), set into

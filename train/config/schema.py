@@ -140,6 +140,10 @@ class DataConfig:
         "attention stops at its ends) | plain (packed, attending across documents: pretraining as before) | padded "
         "(one document per sequence, padded; longer ones truncated) | auto (masked for chat data, plain for text)",
         env="PACKING")
+    remote_cache_gb: float = setting(50.0, "a prepared DATASET at an object store URL (s3://...) is fetched once per node "
+                                     "into data.cache_dir/remote/, checked against its manifest; the fetched corpora "
+                                     "there are kept within this many GB (least recently used removed first)",
+                                     env="DATA_REMOTE_CACHE_GB", gt=0)
 
 
 @dataclass
@@ -188,6 +192,10 @@ class CheckpointConfig:
     async_save: bool = setting(False, "fsdp, fsdp-offload: write model and optimizer state in the background "
                                "(torch.distributed.checkpoint.async_save) after a copy to CPU memory; a checkpoint "
                                "counts once the next save starts or the run ends", env="ASYNC_SAVE")
+    scratch_dir: str = setting("", "node-local directory used when OUTPUT_DIR is an object store URL (s3://, gs://): "
+                               "checkpoints are written here before their upload, resumes download here, hang dumps, "
+                               "profiles and tracker files stay here; empty = $TMPDIR/train-scratch (docs/object-storage.md)",
+                               env="SCRATCH_DIR")
 
 
 @dataclass

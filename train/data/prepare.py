@@ -330,7 +330,16 @@ def _locked(path: Path, log):
 def open_source(name: str, cfg: DataConfig, tokenizer, what: str = "DATASET", workers: int = 0,
                 log=print) -> Corpus:
     """A prepared corpus for ``name``: a prepared directory as it is, checked against the run's
-    tokenizer, or a raw source prepared into the cache on first use (under a lock)."""
+    tokenizer, or a raw source prepared into the cache on first use (under a lock). A prepared
+    directory at an object store URL is fetched into the node's cache first (train/data/remote.py)."""
+    from train.storage import is_remote
+
+    if is_remote(name):
+        from train.data.remote import fetch_corpus
+
+        corpus = Corpus(fetch_corpus(name, cfg, what, log), what)
+        corpus.check_tokenizer(tokenizer_fingerprint(tokenizer), f"tokenizer {tokenizer.name_or_path!r}")
+        return corpus
     p = Path(name)
     if is_prepared(p):
         corpus = Corpus(p, what)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from pathlib import Path
 
+from train.storage import location
 from train.config import ConfigError, RunConfig, exitcodes, resolve_batch, selected_strategy
 from train.config.schema import harness_task_list, profile_ranks
 from train.launcher import cuda_child
@@ -23,6 +23,7 @@ def check_inputs(cfg: RunConfig, world_size: int, device: str) -> None:
     the run is already finished (resuming at max_steps would train nothing)."""
     for note in cfg.notes:
         print(f"[config] {note}", flush=True)
+    check_storage(cfg)
     check_device(cfg, device)
     check_async_save(cfg)
     profile_ranks(cfg.log, world_size)  # a rank the job does not have records nothing: say so now
@@ -33,6 +34,17 @@ def check_inputs(cfg: RunConfig, world_size: int, device: str) -> None:
     check_harness(cfg)
     check_data(cfg, tokenizer, global_batch)
     check_resume(cfg, world_size, global_batch)
+
+
+def check_storage(cfg: RunConfig) -> None:
+    """An object-store OUTPUT_DIR (or RESUME) this node cannot write, read and delete in is one
+    line now (a missing bucket, denied writes, a missing protocol package), not a failed first save."""
+    from train.storage import is_remote, probe
+
+    if is_remote(cfg.output_dir):
+        problem = probe(cfg.output_dir)
+        if problem:
+            raise ConfigError(problem)
 
 
 def check_device(cfg: RunConfig, device: str) -> None:
@@ -141,7 +153,7 @@ def check_resume(cfg: RunConfig, world_size: int, global_batch: int) -> None:
         return
     manifest = read_manifest(path)
     step = int(manifest.get("step", 0))
-    final = Path(cfg.output_dir) / "final"
+    final = location(cfg.output_dir) / "final"
     if step >= cfg.train.max_steps and (final.is_dir() or not cfg.checkpoint.export):
         raise exitcodes.Exit(f"[launch] nothing to train: {path} is at step {step} and MAX_STEPS={cfg.train.max_steps}; "
               f"raise MAX_STEPS to train further, or use another OUTPUT_DIR (or delete {cfg.output_dir}) "

@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from train.storage import work_dir
 from train.config import RunConfig, exitcodes
 from train.config.exitcodes import CONFIG, FAILED, HANG, OK, PREEMPTED, REPEATED_FAILURE, describe
 from train.launcher import flight_recorder, hang, hang_verdict
@@ -66,7 +67,7 @@ class Supervisor:
         """Run the job to its end; returns (exit code, the line to print last, or "")."""
         directory = Path(tempfile.mkdtemp(prefix="train-progress-"))  # node-local, like the workers it describes
         env = {**self.env, ENV_DIR: str(directory), ENV_SUPERVISOR: str(os.getpid())}
-        hangs = Path(self.cfg.output_dir) / hang.HANGS
+        hangs = work_dir(self.cfg) / hang.HANGS  # node-local even when OUTPUT_DIR is a bucket
         if self.device == "cuda":
             hangs.mkdir(parents=True, exist_ok=True)
         env.update(flight_recorder.worker_env(self.device, hangs, directory))  # NCCL only
@@ -162,14 +163,14 @@ class Supervisor:
         if self.device == "cuda":
             self._dump_nccl(directory, [r["rank"] for r in records])
             time.sleep(2)  # let the flight recorder write
-        folder = hang.dump(records, self.cfg.output_dir, self.node_rank, idle)
+        folder = hang.dump(records, str(work_dir(self.cfg)), self.node_rank, idle)
         flight_recorder.collect(folder.parent, folder, [r["rank"] for r in records])
         # Kill only once every node has dumped (bounded): a node killing its workers early makes
         # the others' ranks fail out of the collective they were caught in before their dump.
-        hang.wait_for_dumps(self.cfg.output_dir, self.world, REPORT_WAIT_S)
+        hang.wait_for_dumps(str(work_dir(self.cfg)), self.world, REPORT_WAIT_S)
         self._kill(cur)
         if self.node_rank == 0:
-            print(hang_verdict.report(self.cfg.output_dir), flush=True)
+            print(hang_verdict.report(str(work_dir(self.cfg))), flush=True)
         return HANG, (f"no rank made progress for {idle:.0f} s; stacks in {folder} "
                       f"(python -m train hang-report {self.cfg.output_dir}); RESUME=auto continues from the last checkpoint")
 

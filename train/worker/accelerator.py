@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from train.storage import work_dir
 from train.config import ConfigError, RunConfig
 from train.config.strategies import Strategy
 from train.worker.tracking import tracker_names
@@ -134,7 +135,7 @@ def build_accelerator(cfg: RunConfig, strategy: Strategy | None, grad_accum: int
         gradient_accumulation_steps=grad_accum,
         cpu=device == "cpu" and (strategy is None or strategy.family == "ddp"),
         log_with=tracker_names(cfg) or None,
-        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=log_dir),
+        project_config=ProjectConfiguration(project_dir=str(work_dir(cfg)), logging_dir=log_dir),
         kwargs_handlers=[pg, ddp],
         step_scheduler_with_optimizer=False,
         dynamo_backend="inductor" if cfg.model.compile else None,  # model.compile: torch.compile via accelerate

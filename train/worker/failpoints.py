@@ -6,6 +6,8 @@ save, one rank dying at a given step), so the job can be told to inflict them on
   TRAIN_FAILPOINTS="step_sleep=0.3"        every step takes at least 0.3 s longer
   TRAIN_FAILPOINTS="kill_in_save=4"        SIGKILL the whole job after the step-4 checkpoint's
                                            files are written, before it is marked complete
+  TRAIN_FAILPOINTS="kill_in_upload=4:2"    OUTPUT_DIR on object storage: SIGKILL the whole job once a node
+                                           uploaded 2 files of the step-4 checkpoint (no manifest yet)
   TRAIN_FAILPOINTS="slow_async_write=0.5"  every background checkpoint write (checkpoint.async_save)
                                            starts 0.5 s late, while training goes on
   TRAIN_FAILPOINTS="rank_dies=1@3"         rank 1 alone is SIGKILLed after step 3 (on every attempt)
@@ -87,6 +89,11 @@ def before_data(step: int, rank: int) -> None:
 
 def in_save(step: int) -> None:
     if _points().get("kill_in_save") == str(step):
+        kill_job()
+
+
+def in_upload(step: int, uploaded: int) -> None:
+    if _points().get("kill_in_upload") == f"{step}:{uploaded}":
         kill_job()
 
 

@@ -21,7 +21,8 @@ from train import data as data_mod
 from train import progress
 from train.checkpoint.export import export_final
 from train.checkpoint.layout import checkpoint_root
-from train.checkpoint.saver import Checkpointer, TrainState
+from train.checkpoint.remote import fetch_metrics, publish_export
+from train.checkpoint.saver import MIRRORED, Checkpointer, TrainState
 from train.config import RunConfig, dump_yaml, resolve_batch, selected_strategy, strategy_name
 from train.config.exitcodes import OK, OUT_OF_MEMORY, PREEMPTED, Exit
 from train.config.strategies import GRADS, OPTIM, PARAMS, Strategy
@@ -29,6 +30,7 @@ from train.data.packing import IGNORE_INDEX, model_inputs
 from train.flops import device_peak_flops, flops_per_token
 from train.memory import held_bytes
 from train.progress import ENV_DEVICE
+from train.storage import location, mirror, work_dir
 from train.worker import failpoints, lora, profiler, provenance_log, rollback
 from train.worker.accelerator import (
     align_scheduler,
@@ -158,7 +160,7 @@ def setup(cfg: RunConfig) -> Run:
     set_seed(cfg.seed)
     model = build_model(cfg.model, len(tokenizer)) if is_preset(cfg.model.name) else None
     acc = build_accelerator(cfg, strategy, grad_accum, world, mconf.hidden_size, device,
-                            log_dir=str(Path(cfg.output_dir) / "tensorboard"))
+                            log_dir=str(work_dir(cfg) / "tensorboard"))
     check_engaged(acc, strategy, device)
     profiler.start_memory_history(cfg, device)
     stop = StopSignal()
@@ -213,7 +215,9 @@ def setup(cfg: RunConfig) -> Run:
             print(f"[train] resumed from {resume_from} at step {state.step} (epoch {state.epoch}, "
                   f"{state.samples_in_epoch} samples into it)", flush=True)
             provenance_log.say_what_changed(resume_from, prov)
-    log = MetricsLog(acc, cfg.output_dir, cfg.train.max_steps, state.step, cfg.log.progress)
+    if acc.is_main_process:
+        fetch_metrics(cfg)
+    log = MetricsLog(acc, str(work_dir(cfg)), cfg.train.max_steps, state.step, cfg.log.progress)
     if acc.is_main_process:
         progress.log_restart(log, state.step)  # this start is torchrun's restart: one event line
         ckpt.extra["events"] = progress.event_counts(log.path)
@@ -310,6 +314,8 @@ def train(cfg: RunConfig) -> int:
         print(f"[train] stop signal received: saved step {state.step}; resume with RESUME=auto", flush=True)
     if not stopped and state.step >= cfg.train.max_steps:  # (train.until_step stops short: no export)
         finish(r)
+    if acc.is_main_process:  # a remote OUTPUT_DIR gets the metrics rows (and the export's probe) of the end too
+        mirror(work_dir(cfg), location(cfg.output_dir), MIRRORED)
     r.close()
     return PREEMPTED if stopped else OK  # a stop that saved is not a success
 
@@ -332,10 +338,12 @@ def finish(r: Run) -> None:
     if not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
         r.log.log({"step": step, **evaluate(r)})
     if cfg.checkpoint.export:
-        out = export_final(r.acc, r.model, r.tokenizer, Path(cfg.output_dir) / "final", r.config_yaml,
+        work = work_dir(cfg)  # OUTPUT_DIR, or node-local scratch for a URL: uploaded below
+        out = export_final(r.acc, r.model, r.tokenizer, work / "final", r.config_yaml,
                            merge_lora=cfg.checkpoint.merge_lora, provenance=r.ckpt.extra.get("provenance"))
-        save_probe(r.model, r.splits.eval, r.acc, Path(cfg.output_dir) / "final_probe.pt")
+        save_probe(r.model, r.splits.eval, r.acc, work / "final_probe.pt")
         if out is not None:
+            out = publish_export(out, location(cfg.output_dir) / "final")
             print(f"[train] exported {out} (load with AutoModelForCausalLM.from_pretrained)", flush=True)
 
 
@@ -367,7 +375,7 @@ def main(cfg: RunConfig) -> None:
         code = train(cfg)
     except torch.OutOfMemoryError as e:
         rank = int(os.environ.get("RANK", "0"))
-        snapshot = profiler.dump_oom_snapshot(cfg.output_dir, rank)
+        snapshot = profiler.dump_oom_snapshot(str(work_dir(cfg)), rank)
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise Exit(f"rank {rank} ran out of GPU memory ({first}); the allocator's snapshot: {snapshot} (open it at "
                    "pytorch.org/memory_viz; log.memory_history=true adds who allocated what)", OUT_OF_MEMORY) from None

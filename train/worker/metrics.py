@@ -56,7 +56,7 @@ class MetricsLog:
                    and math.isfinite(v)}  # (trackers stamp their own time)
         self.acc.log(scalars, step=record["step"])
         shown = ("step", "loss", "lr", "grad_norm", "loss_scale", "skipped_steps", "tokens_per_second", "mfu",
-                 "step_time_s", "peak_memory_mb", "checkpoint_stall_s")
+                 "step_time_s", "peak_memory_mb", "checkpoint_stall_s", "checkpoint_upload_s")
         evals = [k for k in record if k.startswith("eval/") and k.endswith(("/loss", "/ppl"))]  # one pair per eval set
         line = " ".join(_fmt(k, record[k]) for k in (*shown[:2], *evals, *shown[2:]) if k in record)
         if self.bar is not None:

@@ -21,6 +21,7 @@ import torch
 
 from train.config import RunConfig
 from train.config.schema import profile_ranks, profile_window
+from train.storage import work_dir
 
 DIR = "profiles"
 _HISTORY_ENTRIES = 100_000  # allocations kept by the memory history (torch's own suggestion)
@@ -39,7 +40,7 @@ class StepProfiler:
         self.window = window if window and (ranks is None or rank in ranks) else None
         self.rank, self.cuda = rank, device == "cuda"
         self.memory = cfg.log.profile_memory and self.cuda
-        self.dir = profiles_dir(cfg.output_dir)
+        self.dir = profiles_dir(str(work_dir(cfg)))
         self._prof = None
 
     def before(self, step: int) -> None:

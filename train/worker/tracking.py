@@ -13,6 +13,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from train.storage import work_dir
 from train.config import ConfigError, RunConfig
 
 # tracker -> (module accelerate imports, the package that provides it in constraints.txt)
@@ -68,10 +69,10 @@ def start_trackers(acc, cfg: RunConfig, config: dict) -> None:
     names = tracker_names(cfg)
     if not names:
         return
-    out = Path(cfg.output_dir).resolve()
+    out = work_dir(cfg).resolve()  # OUTPUT_DIR, or its node-local scratch when it is a URL
     run_name = out.name
     if "mlflow" in names:
-        os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri(cfg.output_dir)  # accelerate's tracker reads the env
+        os.environ["MLFLOW_TRACKING_URI"] = mlflow_uri(str(out))  # accelerate's tracker reads the env
     kwargs = {"mlflow": {"run_name": run_name, "logging_dir": str(out / "mlflow-artifacts")},
               "wandb": {"name": run_name, "dir": os.environ.get("WANDB_DIR") or str(out)}}
     if "wandb" in names and acc.is_main_process:

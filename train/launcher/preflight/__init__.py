@@ -57,8 +57,8 @@ import socket
 import sys
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
+from train.storage import work_dir
 from train.config import RunConfig, exitcodes
 from train.launcher import cuda_child
 from train.launcher.preflight import devices, network, resources, storage
@@ -101,7 +101,7 @@ def conclude(report: Report, cfg: RunConfig, spec) -> None:
     """Table and JSON on node 0, the failures on every node; exit PREFLIGHT if any check failed."""
     if spec.node_rank == 0:
         print(report.table(), flush=True)
-        path = Path(cfg.output_dir) / JSON_NAME
+        path = work_dir(cfg) / JSON_NAME
         try:
             path.write_text(json.dumps(report.to_json(), indent=1) + "\n")
         except OSError as e:

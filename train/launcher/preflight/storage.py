@@ -16,6 +16,7 @@ from train.config import ConfigError, RunConfig, selected_strategy
 from train.launcher.preflight.group import Group
 from train.launcher.preflight.report import FAIL, OK, SKIP, WARN, Check, Report
 from train.memory import human
+from train.storage import location, work_dir
 
 
 def checks(cfg: RunConfig, nproc: int, device: str) -> list[Check]:
@@ -46,7 +47,7 @@ def _permission_fix(what: str) -> str:
 
 
 def _output_dir_writable(cfg: RunConfig) -> Check:
-    path = Path(cfg.output_dir)
+    path = work_dir(cfg)  # OUTPUT_DIR, or the scratch a URL's checkpoints are staged in
     err = _try_write(path)
     if err is None:
         return Check("output-dir", f"{path} writable", "writable", OK)
@@ -80,7 +81,7 @@ def _disk(cfg: RunConfig) -> Check:
     except (ConfigError, OSError, ValueError) as e:
         return Check("disk", "checkpoint size unknown", f"{n} checkpoints", SKIP, f"the planner could not size the model: {e}")
     need = n * one
-    free = shutil.disk_usage(_existing(Path(cfg.output_dir))).free
+    free = shutil.disk_usage(_existing(work_dir(cfg))).free
     threshold = f">= {human(need)} = {need} bytes ({n} checkpoints x {human(one)})"
     value = f"{human(free)} = {free} bytes free"
     if free >= need:
@@ -113,11 +114,11 @@ def _hf_cache(cfg: RunConfig) -> Check:
 
 def shared_storage(cfg: RunConfig, group: Group, device: str, hosts: dict, report: Report) -> list[Check]:
     """Every node writes a nonce file into OUTPUT_DIR; every node must read everyone's."""
-    out, me, n = Path(cfg.output_dir), group.me, group.n
+    out, me, n = location(cfg.output_dir), group.me, group.n  # a bucket too: every node must read and write it
     tag = group.share("tag", uuid.uuid4().hex[:12])[0]  # node 0's names this launch's files
     nonce = uuid.uuid4().hex
 
-    def path(j: int) -> Path:
+    def path(j: int):
         return out / f".preflight-{tag}-node{j}"
 
     try:
@@ -140,7 +141,10 @@ def shared_storage(cfg: RunConfig, group: Group, device: str, hosts: dict, repor
         seen = [s or sees(j) for j, s in enumerate(seen)]
     views = [json.loads(v) for v in group.share("seen", json.dumps(seen))]
     path(me).unlink(missing_ok=True)
-    fix = ("mount the same ReadWriteMany volume (NFS, CephFS, Lustre, ...) at OUTPUT_DIR on every node; with a "
+    fix = ("give every node the bucket's credentials and endpoint (AWS_* / AWS_ENDPOINT_URL, or the cluster's "
+           "workload identity; docs/object-storage.md): a node that cannot write it loses its shards of every "
+           "checkpoint" if not isinstance(out, Path) else
+           "mount the same ReadWriteMany volume (NFS, CephFS, Lustre, ...) at OUTPUT_DIR on every node; with a "
            "per-node disk each node writes its own half of every checkpoint and resume breaks later")
     checks = []
     for j in range(n):

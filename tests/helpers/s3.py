@@ -1,0 +1,99 @@
+"""A real S3 API server for the object-storage tests: moto's standalone server as its own process
+(``moto_server``, installed in the venv), on a free port, with IAM enforced so that credentials
+matter: an admin user (everything allowed) and a read-only user (writes denied), each with keys
+the server generated. The jobs get them the usual way, through AWS_* variables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from helpers.jobs import free_port
+
+MOTO_SERVER = Path(sys.executable).parent / "moto_server"
+REGION = "us-east-1"
+_ALLOW_ALL = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+_READ_ONLY = {"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Action": ["s3:Get*", "s3:List*", "s3:HeadBucket"], "Resource": "*"}]}
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    admin: dict  # {"AWS_ACCESS_KEY_ID": ..., "AWS_SECRET_ACCESS_KEY": ...}
+    reader: dict
+    proc: subprocess.Popen
+
+    def env(self, keys: dict | None = None) -> dict:
+        """What a job on a node with these credentials sees (the admin's unless given)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": REGION, **(keys or self.admin)}
+
+    def client(self, keys: dict | None = None):
+        import boto3
+
+        k = keys or self.admin
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION,
+                            aws_access_key_id=k["AWS_ACCESS_KEY_ID"], aws_secret_access_key=k["AWS_SECRET_ACCESS_KEY"])
+
+    def bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> dict[str, int]:
+        """Every object under s3://bucket/prefix: key -> size."""
+        out, pager = {}, self.client().get_paginator("list_objects_v2")
+        for page in pager.paginate(Bucket=bucket, Prefix=prefix):
+            out.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+        return out
+
+    def read(self, bucket: str, key: str) -> bytes:
+        return self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_s3(log: Path) -> S3Server:
+    """Start the server; the first three requests (unauthenticated, moto's
+    INITIAL_NO_AUTH_ACTION_COUNT) create the admin, every later one is checked against IAM."""
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=f,
+                                stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"moto_server did not start:\n{log.read_text()[-3000:]}") from None
+            time.sleep(0.2)
+
+    def user(iam, name: str, policy: dict) -> dict:
+        iam.create_user(UserName=name)
+        iam.put_user_policy(UserName=name, PolicyName="p", PolicyDocument=json.dumps(policy))
+        k = iam.create_access_key(UserName=name)["AccessKey"]
+        return {"AWS_ACCESS_KEY_ID": k["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": k["SecretAccessKey"]}
+
+    anon = boto3.client("iam", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="bootstrap",
+                        aws_secret_access_key="bootstrap")
+    admin = user(anon, "admin", _ALLOW_ALL)
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name=REGION, aws_access_key_id=admin["AWS_ACCESS_KEY_ID"],
+                       aws_secret_access_key=admin["AWS_SECRET_ACCESS_KEY"])
+    return S3Server(endpoint, admin, user(iam, "reader", _READ_ONLY), proc)
