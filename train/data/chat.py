@@ -26,6 +26,7 @@ import numpy as np
 
 from train.config import ConfigError, DataConfig
 from train.corpus import TOKENIZER_DIR
+from train.data.shards import looks_unfinished
 
 ROLES = ("system", "user", "assistant", "tool")
 TEMPLATES = {"plain": TOKENIZER_DIR / "chat_template.jinja"}  # the built-in tokenizer's own template
@@ -74,6 +75,8 @@ def is_chat_source(name: str, cfg: DataConfig) -> bool:
     """data.format, or for auto: a local JSON/JSONL source whose first row is a conversation."""
     if cfg.format != "auto":
         return cfg.format == "chat"
+    if looks_unfinished(Path(name)):  # its shard records are not rows; opening it says what it is
+        return False
     files = _local_files(name)
     if not files or any(f.suffix.lower() not in _JSON_SUFFIXES for f in files):
         return False
