@@ -203,12 +203,20 @@ def test_env_references_resolve_and_paths_land_on_the_volume(overlay):
     leftovers = {k: v for k, v in env.items() if re.search(r"(?<!\$)\$\([A-Za-z_][A-Za-z0-9_]*\)", v)}
     assert not leftovers, f"$(VAR) that refers to no earlier env entry (order matters): {leftovers}"
     m = mounts(job)
-    (data_path,) = [p for p, v in m.items() if "persistentVolumeClaim" in v]
-    claim = m[data_path]["persistentVolumeClaim"]["claimName"]
-    for kind in storage_kinds():
-        assert claim == one(render_dir(STORAGE_DIR / kind), "PersistentVolumeClaim")["metadata"]["name"], kind
-    for var in ("OUTPUT_DIR", "HF_HOME"):
-        assert env[var].startswith(data_path + "/"), f"{var}={env[var]} is not on the PVC ({data_path})"
+    if env["OUTPUT_DIR"].startswith("s3://"):  # k8s/components/object-storage: a bucket, /data node-local scratch
+        (data_path,) = [p for p, v in m.items() if v.get("name") == "data"]
+        assert "emptyDir" in m[data_path] and not [v for v in m.values() if "persistentVolumeClaim" in v], m
+        assert env["OUTPUT_DIR"].removeprefix("s3://").count("/") >= 2, "a bucket and a per-job prefix"
+        assert {"secretRef": {"name": "object-storage", "optional": True}} in trainer_container(job)["envFrom"]
+        local = ("SCRATCH_DIR", "HF_HOME")
+    else:
+        (data_path,) = [p for p, v in m.items() if "persistentVolumeClaim" in v]
+        claim = m[data_path]["persistentVolumeClaim"]["claimName"]
+        for kind in storage_kinds():
+            assert claim == one(render_dir(STORAGE_DIR / kind), "PersistentVolumeClaim")["metadata"]["name"], kind
+        local = ("OUTPUT_DIR", "HF_HOME")
+    for var in local:
+        assert env[var].startswith(data_path + "/"), f"{var}={env[var]} is not on the data volume ({data_path})"
     assert job["metadata"]["name"] in env["OUTPUT_DIR"], "OUTPUT_DIR must be per job so RESUME=auto finds its own run"
     assert env.get("RESUME") == "auto"
     token = [e for e in trainer_container(job)["env"] if e["name"] == "HF_TOKEN"]

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY, have_namespaces, in_mount_namespace, job_env, try_network
+from helpers import REPO, TINY, have_namespaces, in_mount_namespace, job_env, start_s3, try_network
 
 from train.config import exitcodes
 from train.launcher.preflight import FAIL, OK, link_checks
@@ -50,15 +50,17 @@ def machines(request):
     net.down()
 
 
-def _start_nodes(net, outs: list[Path], tmp: Path, **extra) -> list[subprocess.Popen]:
-    """`python -m train` on every machine with the job's node contract (NNODES/NODE_RANK/MASTER_ADDR)."""
+def _start_nodes(net, outs: list, tmp: Path, envs: list[dict] | None = None, **extra) -> list[subprocess.Popen]:
+    """`python -m train` on every machine with the job's node contract (NNODES/NODE_RANK/MASTER_ADDR)
+    and its own environment (``envs[i]``: a node's credentials)."""
     procs = []
     for i, out in enumerate(outs):
         settings = {**NODE_SETTINGS, "NNODES": str(len(outs)), "NODE_RANK": str(i), "MASTER_ADDR": net.names[0],
                     "MASTER_PORT": "29500", "OUTPUT_DIR": str(out), **extra}
         log = open(tmp / f"node{i}.log", "w")
         procs.append(subprocess.Popen(net.wrap(i, [sys.executable, "-m", "train", *_args(settings)]), cwd=REPO,
-                                      env=job_env({"GLOO_SOCKET_IFNAME": "eth0"}), stdout=log,
+                                      env=job_env({"GLOO_SOCKET_IFNAME": "eth0", **(envs[i] if envs else {})}),
+                                      stdout=log,
                                       stderr=subprocess.STDOUT, text=True))
         procs[-1].log_path = tmp / f"node{i}.log"
     return procs
@@ -107,6 +109,28 @@ def test_each_node_with_its_own_output_dir_fails_naming_node_1(machines, tmp_pat
         assert "ReadWriteMany" in log, log
     report = json.loads((tmp_path / "a" / "preflight.json").read_text())
     assert [(r["node"], r["verdict"]) for r in report["checks"] if r["check"] == "shared-storage"] == [(0, OK), (1, FAIL)]
+
+
+@slow
+def test_a_node_that_cannot_write_the_bucket_is_named_before_training(machines, tmp_path):
+    """OUTPUT_DIR in a bucket, no shared volume: node 0 has write credentials, node 1 a read-only
+    role. Both nodes' preflight names node 1 and the credentials; no object is left there."""
+    s3 = start_s3(tmp_path / "s3.log", host=machines.host_address())
+    try:
+        bucket = s3.bucket("runs")
+        out = f"s3://{bucket}/job"
+        codes, logs = _finish(_start_nodes(machines, [out, out], tmp_path, envs=[s3.env(), s3.env(s3.reader)],
+                                           **{"checkpoint.scratch_dir": str(tmp_path / "scratch")}))
+        assert codes == [exitcodes.PREFLIGHT] * 2, "\n".join(logs)
+        for log in logs:
+            assert re.search(r"node 1 \(host node1\): object-storage: OUTPUT_DIR='s3://runs/job': cannot write objects "
+                             r"there \(access denied", log), log
+            assert "node 0 (host node0): object-storage" not in log and "credentials and endpoint" in log, log
+            assert "[launch]" not in log, log
+            assert s3.reader["AWS_SECRET_ACCESS_KEY"] not in log and s3.admin["AWS_SECRET_ACCESS_KEY"] not in log
+        assert s3.keys(bucket) == {}, s3.keys(bucket)
+    finally:
+        s3.stop()
 
 
 @slow

@@ -90,6 +90,14 @@ class PodNetwork:
         return [self.ip, "netns", "exec", self.ns[index], "unshare", "--uts", "--pid", "--mount-proc", "--kill-child",
                 "sh", "-c", 'hostname "$0" && exec "$@"', hostname, *cmd]
 
+    def host_address(self) -> str:
+        """An address of this (the host's) network on the bridge, which every pod reaches: where
+        a server the test starts (an S3 API) listens for the pods."""
+        if not getattr(self, "_host_addr", None):
+            self._host_addr = self.addrs[0].rsplit(".", 1)[0] + ".254"
+            self._run("addr", "add", f"{self._host_addr}/24", "dev", self.bridge)
+        return self._host_addr
+
     def hostname(self, index: int) -> str:
         return self.names[index].split(".")[0]
 

@@ -63,16 +63,16 @@ class S3Server:
             self.proc.kill()
 
 
-def start_s3(log: Path) -> S3Server:
-    """Start the server; the first three requests (unauthenticated, moto's
+def start_s3(log: Path, host: str = "127.0.0.1") -> S3Server:
+    """Start the server on ``host``; the first three requests (unauthenticated, moto's
     INITIAL_NO_AUTH_ACTION_COUNT) create the admin, every later one is checked against IAM."""
     import boto3
 
     port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = f"http://{host}:{port}"
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
     with open(log, "w") as f:
-        proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=f,
+        proc = subprocess.Popen([str(MOTO_SERVER), "-H", host, "-p", str(port)], env=env, stdout=f,
                                 stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while True:

@@ -18,12 +18,13 @@ from train.config.schema import harness_task_list, profile_ranks
 from train.launcher import cuda_child
 
 
-def check_inputs(cfg: RunConfig, world_size: int, device: str) -> None:
+def check_inputs(cfg: RunConfig, world_size: int, device: str, nnodes: int = 1) -> None:
     """Every user error we can see without starting processes. Also says, and exits 0, when
     the run is already finished (resuming at max_steps would train nothing)."""
     for note in cfg.notes:
         print(f"[config] {note}", flush=True)
-    check_storage(cfg)
+    if nnodes == 1 or cfg.launch.preflight == "off":  # else preflight asks every node and names the one that cannot
+        check_storage(cfg)
     check_device(cfg, device)
     check_async_save(cfg)
     profile_ranks(cfg.log, world_size)  # a rank the job does not have records nothing: say so now

@@ -108,7 +108,7 @@ def launch(cfg: RunConfig, argv: list[str]) -> int:
     if nproc < 1:
         raise ConfigError(f"NPROC={nproc}: no GPUs visible on this node; set NPROC or DEVICE=cpu")
     world = spec.nnodes * nproc
-    check_inputs(cfg, world, device)
+    check_inputs(cfg, world, device, spec.nnodes)
     from train.launcher.preflight import run_preflight
 
     run_preflight(cfg, spec, nproc, device)  # launch.preflight: off returns, only exits 0, a failed check exits 3

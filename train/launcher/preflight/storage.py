@@ -16,11 +16,28 @@ from train.config import ConfigError, RunConfig, selected_strategy
 from train.launcher.preflight.group import Group
 from train.launcher.preflight.report import FAIL, OK, SKIP, WARN, Check, Report
 from train.memory import human
-from train.storage import location, work_dir
+from train.storage import is_remote, location, probe, work_dir
 
 
 def checks(cfg: RunConfig, nproc: int, device: str) -> list[Check]:
-    return [_output_dir_writable(cfg), _disk(cfg), _hf_cache(cfg)]
+    return [_output_dir_writable(cfg), _disk(cfg), _hf_cache(cfg), *_bucket(cfg)]
+
+
+def _bucket(cfg: RunConfig) -> list[Check]:
+    """An object-store OUTPUT_DIR written, read back and deleted from this node: credentials and
+    endpoints are per node (a pod's Secret or workload identity), so each node is asked."""
+    if not is_remote(cfg.output_dir):
+        return []
+    problem = probe(cfg.output_dir)
+    need = "write, read and delete objects"
+    if problem is None:
+        return [Check("object-storage", f"{cfg.output_dir} usable", need, OK)]
+    return [Check("object-storage", problem, need, FAIL, _BUCKET_FIX)]
+
+
+_BUCKET_FIX = ("give every node the bucket's credentials and endpoint (AWS_* / AWS_ENDPOINT_URL, or the cluster's "
+               "workload identity; docs/object-storage.md): a node that cannot write it loses its shards of every "
+               "checkpoint")
 
 
 def _try_write(directory: Path) -> str | None:
@@ -141,9 +158,7 @@ def shared_storage(cfg: RunConfig, group: Group, device: str, hosts: dict, repor
         seen = [s or sees(j) for j, s in enumerate(seen)]
     views = [json.loads(v) for v in group.share("seen", json.dumps(seen))]
     path(me).unlink(missing_ok=True)
-    fix = ("give every node the bucket's credentials and endpoint (AWS_* / AWS_ENDPOINT_URL, or the cluster's "
-           "workload identity; docs/object-storage.md): a node that cannot write it loses its shards of every "
-           "checkpoint" if not isinstance(out, Path) else
+    fix = (_BUCKET_FIX if not isinstance(out, Path) else
            "mount the same ReadWriteMany volume (NFS, CephFS, Lustre, ...) at OUTPUT_DIR on every node; with a "
            "per-node disk each node writes its own half of every checkpoint and resume breaks later")
     checks = []
