@@ -80,10 +80,16 @@ def test_quick_bench_writes_a_well_formed_table_and_json(tmp_path):
     assert {r["run"].split(",")[0] for r in rep["startup"]} >= {"ddp", "fsdp"}
     assert all(r["first_step_s"] > 0 for r in rep["startup"])
     stall = rep["checkpoint_stall"]["rows"]
-    assert [(r["strategy"], r["async_save"]) for r in stall] == [("ddp", False), ("fsdp", False), ("fsdp", True)]
+    bucket = "s3 (moto_server on this machine)"  # no --s3: a local S3 API server
+    assert [(r["strategy"], r["async_save"], r["storage"]) for r in stall] == [
+        ("ddp", False, "local"), ("fsdp", False, "local"), ("fsdp", True, "local"), ("fsdp", False, bucket)]
     for r in stall:
         assert "error_short" not in r and r["saves"] >= 1 and 0 < r["median_stall_s"] <= r["max_stall_s"], r
-    assert stall[-1]["ratio_to_sync"] == pytest.approx(stall[-1]["median_stall_s"] / stall[1]["median_stall_s"])
+    assert stall[2]["ratio_to_sync"] == pytest.approx(stall[2]["median_stall_s"] / stall[1]["median_stall_s"])
+    # the bucket's save beside the local one; its upload is part of a synchronous save's stall
+    assert stall[3]["ratio_to_local"] == pytest.approx(stall[3]["median_stall_s"] / stall[1]["median_stall_s"])
+    assert 0 < stall[3]["median_upload_s"] < stall[3]["median_stall_s"], stall[3]
+    assert stall[1]["median_upload_s"] is None and "bucket / local" in md
     scale = rep["data_scale"]  # prepare, the tokenizer's own encode_batch, and the replaced datasets.map
     assert all(scale[k]["tokens_per_s"] > 0 for k in ("prepare", "encode_batch", "datasets_map")), scale
     assert scale["prepare"]["tokens"] == scale["encode_batch"]["tokens"] == scale["datasets_map"]["tokens"]

@@ -295,11 +295,12 @@ def probe(url: str, what: str = "OUTPUT_DIR") -> str | None:
         step = "delete"
         fs.rm_file(key)
     except Exception as e:  # noqa: BLE001 - the one line is the point; the client's type is noise
-        return f"{what}={url!r}: cannot {step} objects there ({_reason(e)})"
+        return f"{what}={url!r}: cannot {step} objects there ({reason(e)})"
     return None
 
 
-def _reason(e: BaseException) -> str:
+def reason(e: BaseException) -> str:
+    """One line of why a request failed (access denied named as such), without the request dump."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         return f"access denied: {text}"

@@ -6,18 +6,12 @@ the server generated. The jobs get them the usual way, through AWS_* variables."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers.jobs import free_port
+from train.tools.s3server import REGION, start_moto, stop
 
-MOTO_SERVER = Path(sys.executable).parent / "moto_server"
-REGION = "us-east-1"
 _ALLOW_ALL = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
 _READ_ONLY = {"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Action": ["s3:Get*", "s3:List*", "s3:HeadBucket"], "Resource": "*"}]}
@@ -56,11 +50,7 @@ class S3Server:
         return self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop(self.proc)
 
 
 def start_s3(log: Path, host: str = "127.0.0.1") -> S3Server:
@@ -68,22 +58,10 @@ def start_s3(log: Path, host: str = "127.0.0.1") -> S3Server:
     INITIAL_NO_AUTH_ACTION_COUNT) create the admin, every later one is checked against IAM."""
     import boto3
 
-    port = free_port()
-    endpoint = f"http://{host}:{port}"
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"}
-    with open(log, "w") as f:
-        proc = subprocess.Popen([str(MOTO_SERVER), "-H", host, "-p", str(port)], env=env, stdout=f,
-                                stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"moto_server did not start:\n{log.read_text()[-3000:]}") from None
-            time.sleep(0.2)
+    try:
+        endpoint, proc = start_moto(log, host, {"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    except RuntimeError as e:
+        raise AssertionError(str(e)) from None
 
     def user(iam, name: str, policy: dict) -> dict:
         iam.create_user(UserName=name)

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from train.config import ConfigError, DataConfig
-from train.data.shards import MANIFEST, is_prepared, write_json
+from train.data.shards import MANIFEST, is_prepared
 from train.storage import RemotePath
 
 REMOTE = "remote"
@@ -106,11 +106,6 @@ def _fetch(root: RemotePath, entry: Path, blob: bytes, cfg: DataConfig, what: st
                               f"expected {size}{'' if digest is None else ', or another sha256'}); upload the "
                               "prepared directory again")
         os.replace(part, target)
-    for s in manifest["shards"]:  # each shard's record as uploaded; rebuilt from the manifest if absent
-        try:
-            root.fs.get_file((root / f"{s['name']}.json").key, str(entry / f"{s['name']}.json"))
-        except FileNotFoundError:
-            write_json(entry / f"{s['name']}.json", s)
     tmp = entry / f".tmp-{MANIFEST}"
     tmp.write_bytes(blob)  # the bucket's bytes: the entry's name holds their hash
     os.replace(tmp, entry / MANIFEST)  # last: from here the entry counts as fetched

@@ -23,7 +23,8 @@ def check_inputs(cfg: RunConfig, world_size: int, device: str, nnodes: int = 1) 
     the run is already finished (resuming at max_steps would train nothing)."""
     for note in cfg.notes:
         print(f"[config] {note}", flush=True)
-    if nnodes == 1 or cfg.launch.preflight == "off":  # else preflight asks every node and names the one that cannot
+    deferred = defers_storage(cfg, nnodes)
+    if not deferred:
         check_storage(cfg)
     check_device(cfg, device)
     check_async_save(cfg)
@@ -34,7 +35,23 @@ def check_inputs(cfg: RunConfig, world_size: int, device: str, nnodes: int = 1) 
     check_finetuning_and_tracking(cfg)
     check_harness(cfg)
     check_data(cfg, tokenizer, global_batch)
-    check_resume(cfg, world_size, global_batch)
+    if not deferred:
+        check_resume(cfg, world_size, global_batch)
+
+
+def defers_storage(cfg: RunConfig, nnodes: int) -> bool:
+    """A bucket OUTPUT_DIR on several nodes: preflight asks every node first (credentials and
+    endpoints are per node) and names the one that cannot; the checks that read the bucket
+    (``check_after_preflight``) follow it. Otherwise a node without access would fail alone
+    and node 0 could only say that it never answered."""
+    from train.storage import is_remote
+
+    return nnodes > 1 and cfg.launch.preflight != "off" and is_remote(cfg.output_dir)
+
+
+def check_after_preflight(cfg: RunConfig, world_size: int, nnodes: int) -> None:
+    if defers_storage(cfg, nnodes):
+        check_resume(cfg, world_size, resolve_batch(cfg, world_size)[1])
 
 
 def check_storage(cfg: RunConfig) -> None:
@@ -148,8 +165,14 @@ def check_data(cfg: RunConfig, tokenizer, global_batch: int) -> None:
 
 def check_resume(cfg: RunConfig, world_size: int, global_batch: int) -> None:
     from train.checkpoint.layout import find_resume, read_manifest
+    from train.storage import is_remote, reason
 
-    path = find_resume(cfg, world_size)
+    try:
+        path = find_resume(cfg, world_size)
+    except OSError as e:  # a bucket this node may not list or read (PermissionError is one)
+        if not is_remote(cfg.output_dir):
+            raise
+        raise ConfigError(f"OUTPUT_DIR={cfg.output_dir!r}: cannot read its checkpoints ({reason(e)})") from None
     if path is None:
         return
     manifest = read_manifest(path)

@@ -20,7 +20,7 @@ from train.config import ConfigError, RunConfig, selected_strategy, strategy_nam
 from train.config.schema import harness_task_list
 from train.config.torch_support import check_torch_floor
 from train.launcher.cpus import available_cpus
-from train.launcher.inputs import check_inputs
+from train.launcher.inputs import check_after_preflight, check_inputs
 from train.launcher.supervisor import supervise
 from train.launcher.worker_env import worker_env
 from train.progress import ENV_EXPECTED_WORLD
@@ -112,6 +112,7 @@ def launch(cfg: RunConfig, argv: list[str]) -> int:
     from train.launcher.preflight import run_preflight
 
     run_preflight(cfg, spec, nproc, device)  # launch.preflight: off returns, only exits 0, a failed check exits 3
+    check_after_preflight(cfg, world, spec.nnodes)
     strategy = selected_strategy(cfg.launch)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_SCRUB_VARS}
     env.update(worker_env(strategy, device))

@@ -18,7 +18,9 @@ Sections (what each row means: bench-results/README.md):
   6. Launch to first completed step, split at the launcher's and the loop's first lines.
   7. Checkpoint stall: seconds the loop is blocked per checkpoint save (``checkpoint_stall_s``),
      synchronous for every strategy and, for FSDP, with ``ASYNC_SAVE=true`` (its ratio to
-     synchronous); ``--quick`` reads the one save at the end of each section-2 run.
+     synchronous); ``--quick`` reads the one save at the end of each section-2 run. The same
+     saves to object storage (``OUTPUT_DIR=s3://...``; ``--s3 URL``, else a local moto server),
+     with their upload seconds and their ratio to the local save.
   8. Data at scale (train/bench/data.py): prepare tokens/s vs the tokenizers library's own
      encode_batch on the same cores and vs one process running datasets.map; peak RSS and
      launch-to-first-step of a 2-rank job from a small and a generated multi-GB prepared corpus.
@@ -77,6 +79,9 @@ def main(argv: list[str]) -> None:
                         "prepare (default 50; --quick 1)")
     parser.add_argument("--data-gb", type=float, default=None, help="section 8: GB of the large generated prepared "
                         "corpus trained from beside a small one (default 4; --quick 0 = no such jobs)")
+    parser.add_argument("--s3", default="", metavar="URL", help="section 7: an s3:// prefix to save to beside the "
+                        "local disk (credentials as for a run: AWS_*); default: a local moto server when moto is "
+                        "installed (the dev extra), else no object-storage rows")
     parser.add_argument("--worker", choices=("ours", "plain", "plain-pg", "trainer"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--until", help=argparse.SUPPRESS)  # a partner run: waits for <FILE>.go, stops once FILE exists
@@ -119,7 +124,9 @@ def main(argv: list[str]) -> None:
                       rounds=args.rounds or (1 if args.quick else 4), strategies=names,
                       threads=args.threads or (1 if device == "cpu" else (os.cpu_count() or 1)), quick=args.quick,
                       data_text_mb=args.data_text_mb if args.data_text_mb is not None else (1 if args.quick else 50),
-                      data_gb=args.data_gb if args.data_gb is not None else (0 if args.quick else 4))
+                      data_gb=args.data_gb if args.data_gb is not None else (0 if args.quick else 4), s3=args.s3)
+    if s.s3 and not s.s3.startswith("s3://"):
+        raise ConfigError(f"--s3={s.s3!r}: an s3:// prefix, e.g. s3://my-bucket/bench")
     hw = hardware()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -97,14 +97,21 @@ def _run_args(s: BenchSettings, out: Path, **over) -> list[str]:
     return [f"{k}={v}" for k, v in args.items()]
 
 
-def run_job(s: BenchSettings, workdir: Path, *, strategy: str, nproc: int = 2, precision: str = "no", **over) -> dict:
+def run_job(s: BenchSettings, workdir: Path, *, strategy: str, nproc: int = 2, precision: str = "no",
+            env: dict | None = None, **over) -> dict:
     """A real job exactly as users start it, ``python -m train`` (launcher -> accelerate launch ->
     ranks); per-step wall times, tokens/s, held bytes and the training stall of each checkpoint
-    save (the one at the end, and every CHECKPOINT_EVERY steps) come from its metrics.jsonl."""
+    save (the one at the end, and every CHECKPOINT_EVERY steps) come from its metrics.jsonl (on
+    the node's scratch when ``OUTPUT_DIR`` is a bucket)."""
+    from train.storage import local_dir
+
     out = Path(tempfile.mkdtemp(prefix=f"job-{strategy}-", dir=workdir))
+    if "OUTPUT_DIR" in over:  # a bucket: what needs a real directory is staged under out
+        over["checkpoint.scratch_dir"] = out
     args = _run_args(s, out, NPROC=nproc, STRATEGY=strategy, PRECISION=precision, MASTER_PORT=_free_port(), **over)
-    res = _spawn([sys.executable, "-m", "train", *args], _child_env(), RUN_TIMEOUT_S,
+    res = _spawn([sys.executable, "-m", "train", *args], _child_env(env), RUN_TIMEOUT_S,
                  {"launcher": r"^\[launch\]", "engaged": r"^\[train\] strategy=", "first_step": r"^step=1 "})
+    out = local_dir(str(over["OUTPUT_DIR"]), str(out)) if "OUTPUT_DIR" in over else out
     rows = read_metrics(out)
     result = {"kind": "job", "nproc": nproc, "strategy": strategy, "precision": precision, "rc": res["rc"],
               "wall_s": res["wall_s"], "marks": res["marks"],
@@ -113,11 +120,50 @@ def run_job(s: BenchSettings, workdir: Path, *, strategy: str, nproc: int = 2, p
               "losses": [r["loss"] for r in rows],
               "held_bytes": rows[0].get("held_bytes") if rows else None,
               "checkpoint_stalls": [r["checkpoint_stall_s"] for r in read_metrics(out, "checkpoint_stall_s")],
+              "checkpoint_uploads": [r["checkpoint_upload_s"] for r in read_metrics(out, "checkpoint_upload_s")],
               "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
               "threads": max(1, (os.cpu_count() or 1) // nproc) if s.device == "cpu" else None}  # launcher's rule
     if res["rc"] != 0 or len(rows) < s.steps:
         result["error"] = f"exit {res['rc']} after {len(rows)} of {s.steps} steps:\n{res['tail'][-3000:]}"
     return result
+
+
+def object_store_stall(s: BenchSettings, workdir: Path, log, every: int) -> list[dict]:
+    """Section 7's saves again with ``OUTPUT_DIR`` in a bucket (``--s3``, else a local moto
+    server): FSDP if benched (synchronous, and asynchronous unless quick), else the first strategy."""
+    from contextlib import ExitStack
+
+    from train.tools import s3server
+
+    name = "fsdp" if "fsdp" in s.strategies else s.strategies[0]
+    modes = (False, True) if STRATEGIES[name].family == "fsdp" and not s.quick else (False,)
+    with ExitStack() as stack:
+        if s.s3:
+            url, env, where = s.s3.rstrip("/"), {}, s.s3
+        elif s3server.available():
+            endpoint, proc = s3server.start_moto(workdir / "moto.log")
+            stack.callback(s3server.stop, proc)
+            env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                   "AWS_DEFAULT_REGION": s3server.REGION}
+            import boto3
+
+            boto3.client("s3", endpoint_url=endpoint, region_name=s3server.REGION, aws_access_key_id="bench",
+                         aws_secret_access_key="bench").create_bucket(Bucket="bench")
+            url, where = "s3://bench", "moto_server on this machine"
+        else:
+            log("checkpoint stall on object storage: skipped (no --s3 and no moto_server: the dev extra)")
+            return []
+        rows = []
+        for async_save in modes:
+            log(f"checkpoint stall: {name}, {'asynchronous' if async_save else 'synchronous'} saves to {where}")
+            r = run_job(s, workdir, strategy=name, env=env, CHECKPOINT_EVERY=every, KEEP_CHECKPOINTS=2,
+                        ASYNC_SAVE=str(async_save).lower(), OUTPUT_DIR=f"{url}/{name}-{os.getpid()}-{len(rows)}")
+            r["load"] = os.getloadavg()[0]
+            if "error" in r:
+                log(f"  {name} to object storage failed: {r['error'][:2000]}")
+            rows.append({"strategy": name, "async_save": async_save, "checkpoint_every": every, "run": r,
+                         "storage": f"s3 ({where})"})
+        return rows
 
 
 def run_single(kind: str, s: BenchSettings, workdir: Path, precision: str = "no", core: int | None = None,
@@ -290,6 +336,7 @@ def collect(s: BenchSettings, cfg: RunConfig, workdir: Path, log) -> dict:
                 if "error" in r:
                     log(f"  {name} failed: {r['error'][:2000]}")
             stall.append({"strategy": name, "async_save": async_save, "checkpoint_every": every, "run": r})
+    stall += object_store_stall(s, workdir, log, every) if two and s.strategies else []
 
     # 3
     log("data efficiency")

@@ -155,16 +155,26 @@ def _stall(runs: list[dict], s: BenchSettings) -> dict:
         r = v["run"]
         stalls = r.get("checkpoint_stalls") or []
         row = {"strategy": v["strategy"], "async_save": v["async_save"], "checkpoint_every": v["checkpoint_every"],
-               "saves": len(stalls), "median_stall_s": _median(stalls), "max_stall_s": max(stalls, default=None),
-               "stalls": stalls, "median_step_s": _median(r.get("step_times", []))}
+               "storage": v.get("storage", "local"), "saves": len(stalls), "median_stall_s": _median(stalls),
+               "max_stall_s": max(stalls, default=None), "stalls": stalls,
+               "median_upload_s": _median(r.get("checkpoint_uploads") or []),
+               "median_step_s": _median(r.get("step_times", []))}
         if "error" in r or not stalls:
             row["error_short"] = f"failed ({r.get('rc')})" if "error" in r else "no save measured"
         rows.append(row)
-    sync = {r["strategy"]: r["median_stall_s"] for r in rows if not r["async_save"]}
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    def stall_of(storage: str, strategy: str, async_save: bool):
+        return next((x["median_stall_s"] for x in rows
+                     if (x["storage"], x["strategy"], x["async_save"]) == (storage, strategy, async_save)), None)
+
     for r in rows:
         if r["async_save"]:
-            base = sync.get(r["strategy"])
-            r["ratio_to_sync"] = r["median_stall_s"] / base if base and r["median_stall_s"] else None
+            r["ratio_to_sync"] = ratio(r["median_stall_s"], stall_of(r["storage"], r["strategy"], False))
+        if r["storage"] != "local":  # the bucket's save beside the same save to the local disk
+            r["ratio_to_local"] = ratio(r["median_stall_s"], stall_of("local", r["strategy"], r["async_save"]))
     every = runs[0]["checkpoint_every"] if runs else None
     how = ("each run of section 2 saves once, at its end; the asynchronous run is the same run with ASYNC_SAVE=true"
            if every == 0 else f"runs of {s.steps} steps of their own, saving every {every} steps (and at the end)")
@@ -426,12 +436,18 @@ def render_markdown(rep: dict) -> str:
             "loop spends in the save call on rank 0 (`checkpoint_stall_s` in metrics.jsonl), including the wait for "
             "the previous asynchronous save's write. Asynchronous = `ASYNC_SAVE=true` (FSDP only): the model and "
             "optimizer are copied to CPU memory and written in the background.", ""]
-    rows = [[r["strategy"], "asynchronous" if r["async_save"] else "synchronous", r["saves"],
+    rows = [[r["strategy"], r.get("storage", "local"), "asynchronous" if r["async_save"] else "synchronous", r["saves"],
              _fmt(r["median_stall_s"], ".4f"), _fmt(r["max_stall_s"], ".4f"),
-             _fmt(r.get("ratio_to_sync"), ".3f") if r["async_save"] else "-", _fmt(r["median_step_s"], ".4f"),
+             _fmt(r.get("ratio_to_sync"), ".3f") if r["async_save"] else "-",
+             _fmt(r.get("ratio_to_local"), ".3f") if "ratio_to_local" in r else "-",
+             _fmt(r.get("median_upload_s"), ".4f"), _fmt(r["median_step_s"], ".4f"),
              r.get("error_short", "ok")] for r in c["rows"]]
-    out += _md_table(["strategy", "save", "saves measured", "median stall (s)", "max stall (s)", "async / sync",
-                      "median step (s)", "status"], rows)
+    out += _md_table(["strategy", "storage", "save", "saves measured", "median stall (s)", "max stall (s)",
+                      "async / sync", "bucket / local", "median upload (s)", "median step (s)", "status"], rows)
+    out += ["", "Object storage: `OUTPUT_DIR=s3://...`; a save is written to node-local scratch, then uploaded with "
+            "the manifest last (docs/object-storage.md); `median upload` is `checkpoint_upload_s`, part of the "
+            "stall for a synchronous save (an asynchronous save uploads when it completes, at the next save or the "
+            "end). Against a local moto server the number is the protocol's cost, not a network's."]
     if st.get("note"):
         out += ["", st["note"]]
     from .data import render as render_data_scale

@@ -43,6 +43,7 @@ class BenchSettings:
     quick: bool
     data_text_mb: float = 0.0  # section 8: generated text prepared (MB)
     data_gb: float = 0.0  # section 8: the large generated prepared corpus (GB); 0 = no RSS jobs
+    s3: str = ""  # section 7: an s3:// prefix saved to beside the disk; "" = a local moto server if installed
 
     @property
     def primary(self) -> str:
