@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, args_for, assert_refused, job_env, snapshot, train
+from helpers import REPO, args_for, assert_refused, job_env, launch_in_process, snapshot, train
 
 TINY_CHECKED = ["MODEL=llama-debug", "SEQ_LEN=32", "MICRO_BATCH=4", "DEVICE=cpu", "NPROC=2"]
 
@@ -32,26 +32,10 @@ def launch_here(monkeypatch, capsys):
     """The same `python -m train` entry point called in this process: a refusal costs no new
     interpreter (torch, transformers and datasets are imported once), which keeps these tests fast.
     Should a check wrongly pass, the launcher's exec of `accelerate launch` fails the test instead."""
-    from train.__main__ import main
-
-    def refuse_exec(*a, **k):
-        raise AssertionError("the launcher got past its checks and tried to start the job")
 
     def run(*args, env=None, cwd=REPO, prefix=()):
         assert not prefix, "a prefix needs a new process: use launch()"
-        with monkeypatch.context() as m:
-            m.setattr(os, "execvpe", refuse_exec)
-            m.chdir(cwd)
-            for k, v in job_env(env).items():
-                m.setenv(k, v)
-            capsys.readouterr()
-            try:
-                main(list(args))
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-            out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
+        return launch_in_process(monkeypatch, capsys, *args, env=env, cwd=cwd)
 
     return run
 

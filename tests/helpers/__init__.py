@@ -2,7 +2,7 @@
 every public name of them.
 
 - ``jobs``: real training jobs (train, start, command, kill_tree, wait_for_step, read_metrics, workers, two nodes).
-- ``refusals``: the refusal contract (assert_refused, snapshot).
+- ``refusals``: the refusal contract (assert_refused, snapshot), a launch in this process (launch_in_process).
 - ``pods``: machines emulated with network namespaces (PodNetwork, try_network).
 - ``k8s``: rendered Kubernetes manifests and what a pod, the kubelet and the Job controller see.
 - ``docker``: the Dockerfile and compose readers.

@@ -30,8 +30,7 @@ def assert_refused(p, *fragments, code: int = 2, out: Path | None = None, before
     return last
 
 
-
-def launch_in_process(monkeypatch, capsys, *args, env: dict | None = None):
+def launch_in_process(monkeypatch, capsys, *args, env: dict | None = None, cwd: Path | None = None):
     """`python -m train ARGS` called in this process, as a CompletedProcess: a refusal costs no new
     interpreter. Should a check wrongly pass, the launcher's exec of `accelerate launch` raises."""
     import os
@@ -45,7 +44,7 @@ def launch_in_process(monkeypatch, capsys, *args, env: dict | None = None):
 
     with monkeypatch.context() as m:
         m.setattr(os, "execvpe", refuse_exec)
-        m.chdir(REPO)
+        m.chdir(cwd or REPO)
         for k, v in job_env(env).items():
             m.setenv(k, v)
         capsys.readouterr()
