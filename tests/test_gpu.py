@@ -97,6 +97,19 @@ def check_export_loads(out: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _kill_9_then_resume(out, settings: dict):
+    """Start the run, kill -9 its whole tree at step 5, run the same command again: (its result,
+    the step it resumed from)."""
+    job = start(out, env={"TRAIN_FAILPOINTS": "step_sleep=0.5"}, **settings)
+    wait_for_step(out, 5, job)
+    kill_tree(job)
+    job.wait(timeout=60)
+    p = train(out, **settings)
+    m = re.search(r"resumed from \S+ at step (\d+)", p.stdout + p.stderr)
+    assert m, f"the second run did not resume:\n{p.stdout[-3000:]}"
+    return p, int(m.group(1))
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("strategy", ONE_GPU)
 def test_every_strategy_trains_exports_and_resumes_on_one_gpu(strategy, precision, tmp_path, record):
@@ -105,14 +118,7 @@ def test_every_strategy_trains_exports_and_resumes_on_one_gpu(strategy, precisio
     settings = {**GPU, "STRATEGY": strategy, "PRECISION": precision}
     resumed_from = None
     if precision == "bf16":  # kill -9 mid-run, then the same command resumes from the checkpoint
-        job = start(tmp_path, env={"TRAIN_FAILPOINTS": "step_sleep=0.5"}, **settings)
-        wait_for_step(tmp_path, 5, job)
-        kill_tree(job)
-        job.wait(timeout=60)
-        p = train(tmp_path, **settings)
-        m = re.search(r"resumed from \S+ at step (\d+)", p.stdout + p.stderr)
-        assert m, f"the second run did not resume:\n{p.stdout[-3000:]}"
-        resumed_from = int(m.group(1))
+        _, resumed_from = _kill_9_then_resume(tmp_path, settings)
     else:
         train(tmp_path, **settings)
     curve = losses(tmp_path)
@@ -298,18 +304,12 @@ def test_async_save_stages_gpu_state_and_resumes_after_kill_9(tmp_path, record):
     NCCL work and written in the background; a kill -9 mid-run resumes from a complete one."""
     settings = {**GPU, "STRATEGY": "fsdp", "PRECISION": "bf16", "checkpoint.async_save": "true",
                 "checkpoint.export": "false"}
-    job = start(tmp_path, env={"TRAIN_FAILPOINTS": "step_sleep=0.5"}, **settings)
-    wait_for_step(tmp_path, 5, job)
-    kill_tree(job)
-    job.wait(timeout=60)
-    p = train(tmp_path, **settings)
-    m = re.search(r"resumed from \S+ at step (\d+)", p.stdout + p.stderr)
-    assert m, p.stdout[-3000:]
+    _, resumed_from = _kill_9_then_resume(tmp_path, settings)
     ref = tmp_path / "ref"
     train(ref, **{**settings, "checkpoint.async_save": "false"})
     # Not bitwise on CUDA (the embedding's backward uses atomics): the same curve within bf16 noise.
     assert losses(tmp_path) == pytest.approx(losses(ref), rel=2e-2), (losses(tmp_path), losses(ref))
-    record("async save on CUDA, kill -9, resume (fsdp)", passed=True, resumed_from=int(m.group(1)))
+    record("async save on CUDA, kill -9, resume (fsdp)", passed=True, resumed_from=resumed_from)
 
 
 def test_the_planner_predicts_the_measured_peak_of_a_1b_llama(tmp_path, record):
