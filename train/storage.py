@@ -155,21 +155,9 @@ class RemotePath:
             pass
 
 
-Location = "Path | RemotePath"
-
-
 def location(text: str | os.PathLike) -> Path | RemotePath:
     """A setting's value as a location: a RemotePath for a URL, else a Path."""
     return RemotePath(str(text)) if is_remote(text) else Path(text)
-
-
-def rmtree(where: Path | RemotePath) -> None:
-    if isinstance(where, RemotePath):
-        where.rmtree()
-    else:
-        import shutil
-
-        shutil.rmtree(where, ignore_errors=True)
 
 
 # -- node-local scratch for a remote OUTPUT_DIR -------------------------------------------------

@@ -19,7 +19,7 @@ _WHERE = {
     "Corpus": "shards", "tokenizer_fingerprint": "shards",
     "TokenBlocks": "loader", "MixtureBlocks": "loader", "ConcatBlocks": "loader", "Splits": "loader",
     "GlobalCursorSampler": "loader", "build_splits": "loader", "check_splits": "loader", "collate": "loader",
-    "train_loader": "loader", "eval_loader": "loader", "parse_mixture": "loader", "open_corpora": "loader",
+    "train_loader": "loader", "parse_mixture": "loader", "open_corpora": "loader",
 }
 
 

@@ -335,10 +335,6 @@ def train_loader(ds: Dataset, sampler: GlobalCursorSampler, micro_batch: int, cf
                       persistent_workers=cfg.num_workers > 0, generator=torch.Generator())
 
 
-def eval_loader(ds: Dataset, micro_batch: int) -> DataLoader:
-    return DataLoader(ds, batch_size=micro_batch, shuffle=False, drop_last=True, collate_fn=collate)
-
-
 __all__ = ["TokenBlocks", "MixtureBlocks", "ConcatBlocks", "Splits", "GlobalCursorSampler", "build_splits",
-           "check_splits", "collate", "train_loader", "eval_loader", "parse_mixture", "apportion",
+           "check_splits", "collate", "train_loader", "parse_mixture", "apportion",
            "tokenizer_fingerprint"]

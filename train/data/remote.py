@@ -21,7 +21,7 @@ from pathlib import Path
 
 from train.config import ConfigError, DataConfig
 from train.data.shards import MANIFEST, is_prepared
-from train.storage import RemotePath
+from train.storage import RemotePath, reason
 
 REMOTE = "remote"
 
@@ -42,7 +42,7 @@ def read_remote_manifest(url: str, what: str = "DATASET") -> bytes:
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - one line: the client library's type says nothing more
-        raise ConfigError(f"{what}={url!r}: cannot read its {MANIFEST} ({str(e).splitlines()[0][:200]})") from None
+        raise ConfigError(f"{what}={url!r}: cannot read its {MANIFEST} ({reason(e)})") from None
 
 
 def fetch_corpus(url: str, cfg: DataConfig, what: str = "DATASET", log=print) -> Path:

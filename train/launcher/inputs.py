@@ -12,10 +12,10 @@ import errno
 import os
 import socket
 
-from train.storage import location
 from train.config import ConfigError, RunConfig, exitcodes, resolve_batch, selected_strategy
 from train.config.schema import harness_task_list, profile_ranks
 from train.launcher import cuda_child
+from train.storage import is_remote, location, probe, reason
 
 
 def check_inputs(cfg: RunConfig, world_size: int, device: str, nnodes: int = 1) -> None:
@@ -44,8 +44,6 @@ def defers_storage(cfg: RunConfig, nnodes: int) -> bool:
     endpoints are per node) and names the one that cannot; the checks that read the bucket
     (``check_after_preflight``) follow it. Otherwise a node without access would fail alone
     and node 0 could only say that it never answered."""
-    from train.storage import is_remote
-
     return nnodes > 1 and cfg.launch.preflight != "off" and is_remote(cfg.output_dir)
 
 
@@ -57,8 +55,6 @@ def check_after_preflight(cfg: RunConfig, world_size: int, nnodes: int) -> None:
 def check_storage(cfg: RunConfig) -> None:
     """An object-store OUTPUT_DIR (or RESUME) this node cannot write, read and delete in is one
     line now (a missing bucket, denied writes, a missing protocol package), not a failed first save."""
-    from train.storage import is_remote, probe
-
     if is_remote(cfg.output_dir):
         problem = probe(cfg.output_dir)
         if problem:
@@ -165,7 +161,6 @@ def check_data(cfg: RunConfig, tokenizer, global_batch: int) -> None:
 
 def check_resume(cfg: RunConfig, world_size: int, global_batch: int) -> None:
     from train.checkpoint.layout import find_resume, read_manifest
-    from train.storage import is_remote, reason
 
     try:
         path = find_resume(cfg, world_size)

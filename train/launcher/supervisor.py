@@ -31,11 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from train.storage import work_dir
 from train.config import RunConfig, exitcodes
 from train.config.exitcodes import CONFIG, FAILED, HANG, OK, PREEMPTED, REPEATED_FAILURE, describe
 from train.launcher import flight_recorder, hang, hang_verdict
 from train.progress import ENV_DIR, ENV_SUPERVISOR, PR_SET_PDEATHSIG, failure_of, read_attempts
+from train.storage import work_dir
 
 POLL_S = 0.5
 MIN_HANG_TIMEOUT_S = 60.0
@@ -163,16 +163,17 @@ class Supervisor:
         if self.device == "cuda":
             self._dump_nccl(directory, [r["rank"] for r in records])
             time.sleep(2)  # let the flight recorder write
-        folder = hang.dump(records, str(work_dir(self.cfg)), self.node_rank, idle)
+        work = str(work_dir(self.cfg))  # OUTPUT_DIR, or this node's scratch for a bucket: dumps are files
+        folder = hang.dump(records, work, self.node_rank, idle)
         flight_recorder.collect(folder.parent, folder, [r["rank"] for r in records])
         # Kill only once every node has dumped (bounded): a node killing its workers early makes
         # the others' ranks fail out of the collective they were caught in before their dump.
-        hang.wait_for_dumps(str(work_dir(self.cfg)), self.world, REPORT_WAIT_S)
+        hang.wait_for_dumps(work, self.world, REPORT_WAIT_S)
         self._kill(cur)
         if self.node_rank == 0:
-            print(hang_verdict.report(str(work_dir(self.cfg))), flush=True)
+            print(hang_verdict.report(work), flush=True)
         return HANG, (f"no rank made progress for {idle:.0f} s; stacks in {folder} "
-                      f"(python -m train hang-report {self.cfg.output_dir}); RESUME=auto continues from the last checkpoint")
+                      f"(python -m train hang-report {work}); RESUME=auto continues from the last checkpoint")
 
     def _kill(self, cur: dict) -> None:
         """End the job now and quietly: SIGKILL the agent (its group) and the workers we know of."""

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from train.storage import work_dir
 from train.config import ConfigError, RunConfig
 from train.config.strategies import Strategy
+from train.storage import work_dir
 from train.worker.tracking import tracker_names
 
 # DeepSpeed's default bucket size (elements): the floor for reduce/prefetch/allgather buckets on GPUs.

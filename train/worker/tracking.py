@@ -13,8 +13,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from train.storage import work_dir
 from train.config import ConfigError, RunConfig
+from train.storage import work_dir
 
 # tracker -> (module accelerate imports, the package that provides it in constraints.txt)
 TRACKERS: dict[str, tuple[str, str]] = {

@@ -58,7 +58,6 @@ import sys
 import time
 from dataclasses import asdict, replace
 
-from train.storage import work_dir
 from train.config import RunConfig, exitcodes
 from train.launcher import cuda_child
 from train.launcher.preflight import devices, network, resources, storage
@@ -67,6 +66,7 @@ from train.launcher.preflight.network import (allreduce_bandwidth, link_checks, 
                                               pairwise_bandwidth)
 from train.launcher.preflight.report import FAIL, JSON_NAME, OK, SKIP, WARN, Check, Report
 from train.launcher.preflight.storage import checkpoint_bytes
+from train.storage import work_dir
 
 # Checks on one node, in table order: (cfg, nproc, device) -> [Check].
 NODE_FAMILIES = (devices.checks, resources.checks, storage.checks)
