@@ -23,6 +23,7 @@ from helpers import (REPO, args_for, assert_refused, job_env, kill_tree, prepare
 from train.config import exitcodes
 
 pytestmark = pytest.mark.slow
+HARNESS_TASK = REPO / "configs" / "lm_eval" / "tiny_stories.yaml"  # lm-eval's offline task
 RUN = {"STRATEGY": "zero2", "MAX_STEPS": 6, "CHECKPOINT_EVERY": 2, "KEEP_CHECKPOINTS": 2}
 OUTPUTS: list[str] = []  # every job's output in this module, searched for the credentials at the end
 
@@ -90,7 +91,8 @@ def resumed(s3, corpus, tmp_path_factory):
     # Debris of some other cut-short upload: resume must ignore it, the next good save removes it.
     s3.client().put_object(Bucket="ckpt-bucket", Key="run/checkpoints/step_00000099/latest", Body=b"x")
     # A fresh scratch: the resuming node has none of the first one's checkpoint files (its data cache stays).
-    again = run(s3, out, tmp=tmp / "node2", RESUME="auto", **data, **RUN)
+    again = run(s3, out, tmp=tmp / "node2", RESUME="auto", HARNESS_TASKS=str(HARNESS_TASK),
+                **{"checkpoint.harness_limit": 8}, **data, **RUN)
     return {"reference": read_metrics(reference), "killed": killed, "after_kill": after_kill, "resumed": again,
             "cache": tmp / "cache"}
 
@@ -112,6 +114,14 @@ def test_a_kill_mid_upload_leaves_the_previous_checkpoint_and_resume_continues_b
     assert manifest["files"] and all(keys[f"run/checkpoints/step_00000006/{rel}"] == size
                                      for rel, size in manifest["files"].items())
     assert "run/final/config.json" in s3.keys("ckpt-bucket", "run/final/")
+
+
+def test_the_benchmark_hook_scores_the_export_and_its_row_reaches_the_buckets_metrics(s3, resumed):
+    """checkpoint.harness_tasks at the end of a run whose OUTPUT_DIR is a bucket: the harness scores
+    the export (node 0's scratch holds what was uploaded) and its row joins the bucket's metrics."""
+    assert "[launch] benchmark harness on" in resumed["resumed"].stdout
+    rows = [json.loads(ln) for ln in s3.read("ckpt-bucket", "run/metrics.jsonl").decode().splitlines() if ln.strip()]
+    assert any("harness/tiny_stories/bits_per_byte" in r for r in rows), rows[-3:]
 
 
 def test_export_and_convert_read_a_checkpoint_from_the_bucket_and_write_there(s3, resumed):

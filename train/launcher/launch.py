@@ -14,7 +14,6 @@ import hashlib
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from train.config import ConfigError, RunConfig, selected_strategy, strategy_name
 from train.config.schema import harness_task_list
@@ -134,9 +133,17 @@ def launch(cfg: RunConfig, argv: list[str]) -> int:
 
 def run_harness(cfg: RunConfig) -> int:
     """checkpoint.harness_tasks on the final export, in a process of its own: lm-eval is imported
-    only there, after the ranks have exited (their GPU memory is free)."""
-    final = Path(cfg.output_dir) / "final"
+    only there, after the ranks have exited (their GPU memory is free). The export is read where
+    rank 0 wrote it: OUTPUT_DIR, or for a bucket this node's scratch, whose copy was uploaded; the
+    harness row it adds to the metrics then goes up too."""
+    from train.checkpoint.remote import METRICS
+    from train.storage import location, mirror, work_dir
+
+    work = work_dir(cfg)
+    final = work / "final"
     cmd = [sys.executable, "-m", "train", "harness", "--model", str(final), "--tasks", cfg.checkpoint.harness_tasks,
            "--limit", str(cfg.checkpoint.harness_limit), "--step", str(cfg.train.max_steps)]
     print(f"[launch] benchmark harness on {final}: {cfg.checkpoint.harness_tasks}", flush=True)
-    return subprocess.run(cmd).returncode
+    code = subprocess.run(cmd).returncode
+    mirror(work, location(cfg.output_dir), (METRICS,))  # no-op for a local OUTPUT_DIR
+    return code
