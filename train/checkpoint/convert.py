@@ -63,12 +63,9 @@ def _local_out(out: str) -> Path:
     """Where the tool writes: OUTPUT itself, or for a URL a scratch directory published after."""
     if not isinstance(location(out), RemotePath):
         return Path(out)
-    import tempfile
+    from train.checkpoint.remote import scratch_dir
 
-    from train.storage import scratch_root
-
-    scratch_root().mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix="out-", dir=scratch_root())) / location(out).name
+    return scratch_dir("out-") / location(out).name
 
 
 def _replace(tmp: Path, out: Path) -> None:

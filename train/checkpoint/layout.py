@@ -37,23 +37,27 @@ def complete_checkpoints(root: Path | RemotePath) -> list[Path | RemotePath]:
     """Complete checkpoints (manifest present), oldest first. On object storage a directory
     without its manifest is an upload in progress or one a kill cut short: never counted."""
     if isinstance(root, RemotePath):
-        names = {rel.split("/")[0] for rel in root.sizes() if rel.count("/") == 1 and rel.endswith("/" + MANIFEST)}
-        found = [root / n for n in names if n.startswith(PREFIX)]
-    elif not root.is_dir():
+        return remote_checkpoints(root)[0]
+    if not root.is_dir():
         return []
-    else:
-        found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MANIFEST).is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / MANIFEST).is_file()]
+    return _by_step(found)
+
+
+def _by_step(found: list) -> list:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def partial_checkpoints(root: RemotePath) -> list[RemotePath]:
-    """Checkpoint directories on object storage that have objects but no manifest (cut-short uploads)."""
+def remote_checkpoints(root: RemotePath) -> tuple[list[RemotePath], list[RemotePath]]:
+    """(complete, partial) checkpoint directories on object storage from one listing, oldest first:
+    partial ones have objects but no manifest (uploads in progress or cut short)."""
     tops: dict[str, bool] = {}
     for rel in root.sizes():
         top = rel.split("/")[0]
         if top.startswith(PREFIX) and "/" in rel:
             tops[top] = tops.get(top, False) or rel == f"{top}/{MANIFEST}"
-    return [root / n for n, complete in sorted(tops.items()) if not complete]
+    return (_by_step([root / n for n, done in tops.items() if done]),
+            _by_step([root / n for n, done in tops.items() if not done]))
 
 
 def read_manifest(path: Path | RemotePath) -> dict:

@@ -64,16 +64,21 @@ def publish_checkpoint(local: Path, dest: Path | RemotePath) -> Path | RemotePat
     return publish(local, dest, last=(MANIFEST,))
 
 
-def fetch_checkpoint(path: RemotePath) -> Path:
-    """A complete remote checkpoint in a fresh local directory (the offline tools read files)."""
-    manifest = read_manifest(path)
-    local = Path(tempfile.mkdtemp(prefix="fetch-", dir=_scratch())) / path.name
+def fetch_into(path: RemotePath, local: Path, manifest: dict) -> Path:
+    """A complete remote checkpoint's files into ``local`` (sizes checked against ``manifest``), the
+    manifest last, as on the store."""
     download(path, local, manifest.get("files", {}))
     (local / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return local
 
 
-def _scratch() -> Path:
+def fetch_checkpoint(path: RemotePath) -> Path:
+    """A complete remote checkpoint in a fresh local directory (the offline tools read files)."""
+    return fetch_into(path, scratch_dir("fetch-") / path.name, read_manifest(path))
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A fresh directory in the node's scratch, for an offline tool's download or output."""
     root = scratch_root()
     root.mkdir(parents=True, exist_ok=True)
-    return root
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))

@@ -44,19 +44,20 @@ from train.checkpoint.layout import (
     complete_checkpoints,
     conversion,
     fsync_dir,
-    partial_checkpoints,
     read_manifest,
+    remote_checkpoints,
     versions,
     write_durably,
 )
 from train.checkpoint.lock import agree_resume, current_owner
+from train.checkpoint.remote import METRICS, fetch_into
 from train.config import ConfigError, RunConfig
 from train.config.exitcodes import SUPERSEDED
-from train.storage import RemotePath, download, local_dir, location, mirror, upload, verify
+from train.storage import RemotePath, local_dir, location, mirror, upload, verify
 from train.worker import failpoints
 
 # Files of OUTPUT_DIR's top level that a remote run keeps in scratch and copies up at each save.
-MIRRORED = ("metrics.jsonl", "final_probe.pt")
+MIRRORED = (METRICS, "final_probe.pt")
 
 
 @dataclass
@@ -274,16 +275,15 @@ class Checkpointer:
                        f"(generation {self.generation[:8]}) stopped without writing")
 
     def _rotate(self) -> None:
-        done = complete_checkpoints(self.root)
+        done, debris = remote_checkpoints(self.root) if self.remote else (complete_checkpoints(self.root), [])
         for old in done[: max(0, len(done) - self.cfg.checkpoint.keep)]:
             if isinstance(old, RemotePath):
                 (old / MANIFEST).rmtree()  # manifest first: a kill mid-delete leaves a partial, not a damaged checkpoint
                 old.rmtree()
             else:
                 shutil.rmtree(old, ignore_errors=True)
-        if self.remote:  # uploads a kill cut short (no manifest): the run's owner, after a good save, removes them
-            for debris in partial_checkpoints(self.root):
-                debris.rmtree()
+        for partial in debris:  # uploads a kill cut short (no manifest): the run's owner, after a good save, removes them
+            partial.rmtree()
 
     def _any_rank(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
@@ -315,8 +315,7 @@ class Checkpointer:
         error = None
         if self.acc.is_local_main_process:
             try:
-                download(path, local, manifest.get("files", {}))
-                (local / MANIFEST).write_text(json.dumps(manifest))
+                fetch_into(path, local, manifest)
             except Exception as e:  # noqa: BLE001 - agreed on below
                 error = e
         if self._any_rank(error is not None):
