@@ -113,6 +113,9 @@ def test_resume_accepts_the_short_checkpoint_name(tmp_path):
     assert load([f"RESUME={ck}"]).checkpoint.resume == str(ck)
     with pytest.raises(ConfigError, match="no such checkpoint"):
         load([f"RESUME={tmp_path}/checkpoints/step_60"])
+    # A checkpoint in a bucket is looked up there by the launcher (find_resume), not on this disk.
+    url = "s3://bucket/run/checkpoints/step_00000004"
+    assert load([f"RESUME={url}"]).checkpoint.resume == url
 
 
 def test_preset_size_overrides_build_another_size_and_change_the_fingerprint():

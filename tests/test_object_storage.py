@@ -124,7 +124,7 @@ def test_the_benchmark_hook_scores_the_export_and_its_row_reaches_the_buckets_me
     assert any("harness/tiny_stories/bits_per_byte" in r for r in rows), rows[-3:]
 
 
-def test_export_and_convert_read_a_checkpoint_from_the_bucket_and_write_there(s3, resumed):
+def test_export_and_convert_read_a_checkpoint_from_the_bucket_and_write_there(s3, resumed, tmp_path):
     from safetensors.torch import load
 
     src = "s3://ckpt-bucket/run/checkpoints/step_00000006"
@@ -138,6 +138,11 @@ def test_export_and_convert_read_a_checkpoint_from_the_bucket_and_write_there(s3
     keys = s3.keys("ckpt-bucket", "converted/")
     assert manifest["form"] == "portable" and manifest["strategy"] == "fsdp"
     assert all(keys[f"converted/{rel}"] == size for rel, size in manifest["files"].items())
+    # ... and a run resumes from it where convert said: RESUME=<its URL>, under the new strategy.
+    p = run(s3, "s3://ckpt-bucket/from-converted", tmp=tmp_path, RESUME="s3://ckpt-bucket/converted",
+            DATASET="s3://data-bucket/corpus", DATA_CACHE=str(tmp_path / "cache"),
+            **{**RUN, "STRATEGY": "fsdp", "MAX_STEPS": 7, "CHECKPOINT_EVERY": 0, "checkpoint.export": "false"})
+    assert "resumed from s3://ckpt-bucket/converted at step 6" in p.stdout, p.stdout[-3000:]
 
 
 # -- the run lock -----------------------------------------------------------------------------------

@@ -352,8 +352,10 @@ def validate(cfg: RunConfig) -> None:
     profile_ranks(cfg.log)
     eval_set_specs(cfg.data)
     check_harness_tasks(cfg.checkpoint)
-    if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
-        raise ConfigError(f"RESUME={cfg.checkpoint.resume!r}: no such checkpoint; use auto, never, or a checkpoint "
+    resume = cfg.checkpoint.resume
+    # A URL (s3://...) is looked up where it lives, by the launcher (checkpoint/layout.py find_resume).
+    if resume not in ("auto", "never") and "://" not in resume and not Path(resume).exists():
+        raise ConfigError(f"RESUME={resume!r}: no such checkpoint; use auto, never, or a checkpoint "
                           "directory (checkpoints/step_00000050, or step_50)")
 
 
