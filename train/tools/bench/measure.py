@@ -20,6 +20,7 @@ from pathlib import Path
 from train.config import RunConfig
 from train.config.strategies import REPO_ROOT, STRATEGIES
 from train.launcher.nodes import LAUNCHER_SCRUB_VARS
+from train.storage import local_dir
 from train.tools.bench.settings import LOOPS, PARTNER, RUN_TIMEOUT_S, BenchSettings, go, ready
 
 
@@ -103,8 +104,6 @@ def run_job(s: BenchSettings, workdir: Path, *, strategy: str, nproc: int = 2, p
     ranks); per-step wall times, tokens/s, held bytes and the training stall of each checkpoint
     save (the one at the end, and every CHECKPOINT_EVERY steps) come from its metrics.jsonl (on
     the node's scratch when ``OUTPUT_DIR`` is a bucket)."""
-    from train.storage import local_dir
-
     out = Path(tempfile.mkdtemp(prefix=f"job-{strategy}-", dir=workdir))
     if "OUTPUT_DIR" in over:  # a bucket: what needs a real directory is staged under out
         over["checkpoint.scratch_dir"] = out
