@@ -115,7 +115,9 @@ def main(argv: list[str]) -> None:
         names = ["ddp", "zero2", "fsdp"]
     else:
         names = [n for n, st in STRATEGIES.items() if device == "cuda" or not st.gpu_only]
-    steps = args.steps or (8 if args.quick else 16)
+    # --quick: 24 steps, 21 timed (~10 ms each): with 8 the timed window (~50 ms) could close before the
+    # partner beside a loop finished one whole step (it starts cold, polling for `go`), and the pairing failed.
+    steps = args.steps or (24 if args.quick else 16)
     burn = args.burn_in if args.burn_in is not None else (3 if args.quick else 4)
     if steps <= burn:
         raise ConfigError(f"--steps={steps} must be larger than --burn-in={burn}")
